@@ -1,0 +1,1 @@
+"""The engine: scheduler, KV block pool, model runner, sampler, detokenizer."""

@@ -1,0 +1,273 @@
+"""LLMEngine: requests in, one batched step at a time, RequestOutputs out (vLLM's interface)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..config import EngineArgs
+from ..errors import ConfigError, InvalidRequestError
+from ..model_loader.loader import load_config, load_model, resolve_model_path
+from ..outputs import CompletionOutput, Logprob, RequestOutput
+from ..sampling_params import SamplingParams
+from ..tokenizer import load_tokenizer, stop_token_ids_of
+from .block_pool import BlockPool
+from .detokenizer import IncrementalDetokenizer, find_stop_string, visible_text
+from .model_runner import KVCache, ModelRunner
+from .sampler import Sampler, SamplingRow
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+PromptType = str | dict[str, Any] | list[int]
+
+_DEFAULT_CPU_KV_BYTES = 4 << 30  # vLLM's default VLLM_CPU_KVCACHE_SPACE of 4 GiB
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    arrival: float
+    lora_request: Any = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        self.args = args
+        self.device = args.torch_device()
+        self.dtype = args.torch_dtype(self.device)
+        self.model_path = resolve_model_path(args.model)
+        self.model_config = load_config(self.model_path)
+        self.tokenizer = load_tokenizer(args.tokenizer or self.model_path)
+        self.max_model_len = self._max_model_len()
+        self.max_num_batched_tokens = args.max_num_batched_tokens or max(self.max_model_len, 2048)
+        if self.max_num_batched_tokens < self.max_model_len:
+            raise ConfigError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than max_model_len "
+                f"({self.max_model_len}), so a long prompt could never be scheduled; raise "
+                "max_num_batched_tokens or lower max_model_len"
+            )
+        self.model = load_model(self.model_path, self.model_config, self.max_model_len, self.dtype, self.device)
+        layer = self.model.layers[0]
+        num_blocks = self._num_kv_blocks(layer.num_kv_heads, layer.head_dim)
+        self.kv_cache = KVCache(len(self.model.layers), num_blocks, args.block_size, layer.num_kv_heads,
+                                layer.head_dim, self.dtype, self.device)
+        self.scheduler = Scheduler(BlockPool(num_blocks, args.block_size), args.max_num_seqs, self.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.kv_cache, args.block_size, self.device, self.dtype)
+        self.sampler = Sampler(args.seed, self.device)
+        self.detokenizer = IncrementalDetokenizer(self.tokenizer)
+        self.eos_token_ids = stop_token_ids_of(self.tokenizer, self.model_path)
+        self.requests: dict[str, _Request] = {}
+        self._seq_ids = itertools.count()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
+        return cls(args)
+
+    # ---- configuration ------------------------------------------------------------------------
+
+    def _max_model_len(self) -> int:
+        limit = getattr(self.model_config, "max_position_embeddings", None) or 2048
+        if self.args.max_model_len is None:
+            return limit
+        if self.args.max_model_len > limit:
+            raise ConfigError(
+                f"max_model_len={self.args.max_model_len} exceeds the model's max_position_embeddings "
+                f"({limit}); lower max_model_len to at most {limit}"
+            )
+        return self.args.max_model_len
+
+    def _num_kv_blocks(self, num_kv_heads: int, head_dim: int) -> int:
+        per_token = KVCache.bytes_per_token(len(self.model.layers), num_kv_heads, head_dim, self.dtype)
+        budget = self.args.kv_cache_memory_bytes or self._default_kv_budget()
+        num_blocks = budget // (per_token * self.args.block_size)
+        if num_blocks * self.args.block_size < self.max_model_len:
+            need = -(-self.max_model_len // self.args.block_size) * self.args.block_size * per_token
+            raise ConfigError(
+                f"the KV cache budget of {budget} bytes holds {num_blocks * self.args.block_size} tokens "
+                f"({per_token} bytes each), fewer than one sequence of max_model_len={self.max_model_len}; "
+                f"raise kv_cache_memory_bytes to at least {need} or lower max_model_len"
+            )
+        return num_blocks
+
+    def _default_kv_budget(self) -> int:
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            return max(0, int(total * self.args.gpu_memory_utilization) - used - (1 << 30))  # 1 GiB for activations
+        from ..envs import cpu_kv_cache_space_bytes
+
+        return cpu_kv_cache_space_bytes() or _DEFAULT_CPU_KV_BYTES
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+        lora_request: Any = None,
+    ) -> None:
+        """Queue a prompt (text, `{"prompt": ...}` or `{"prompt_token_ids": [...]}`) for generation."""
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use; give each request a unique id")
+        params = params or SamplingParams()
+        text, token_ids = self._tokenize(prompt)
+        self._validate_prompt(token_ids)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        seqs = []
+        for index in range(params.n):
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(params.seed + index)
+            seq = Sequence(next(self._seq_ids), request_id, index, list(token_ids), params, arrival, generator)
+            self.detokenizer.start(seq)
+            seqs.append(seq)
+        request = _Request(request_id, text, list(token_ids), params, seqs, arrival, lora_request)
+        request.metrics["arrival_time"] = arrival
+        self.requests[request_id] = request
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        if isinstance(prompt, dict) and "prompt" in prompt:
+            return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise InvalidRequestError(
+            f"prompt must be a string, {{'prompt': str}} or {{'prompt_token_ids': [int, ...]}}; got {type(prompt).__name__}"
+        )
+
+    def _validate_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty; give at least one token")
+        if len(token_ids) > self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt is {len(token_ids)} tokens long, more than max_model_len={self.max_model_len}; "
+                "shorten the prompt or start the engine with a larger max_model_len"
+            )
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+
+    def abort_request(self, request_id: str | Iterable[str]) -> None:
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            request = self.requests.pop(rid, None)
+            if request is None:
+                continue
+            for seq in request.seqs:
+                if not seq.is_finished:
+                    seq.finish("abort")
+                self.scheduler.free(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ---- the step -----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batched forward pass; return the outputs of every request it advanced."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        seqs = batch.sequences
+        logits = self.runner.execute(batch)  # [B, V]
+        rows = [SamplingRow(seq.params, self._banned_tokens(seq), seq.generator) for seq in seqs]
+        sampled = self.sampler(logits, rows)
+        now = time.monotonic()
+        touched: dict[str, _Request] = {}
+        for i, seq in enumerate(seqs):
+            request = self.requests[seq.request_id]
+            request.metrics.setdefault("first_token_time", now)
+            self._append_token(seq, sampled.token_ids[i], sampled, i)
+            if seq.is_finished:
+                self.scheduler.free(seq)
+            touched[request.request_id] = request
+        outputs = [self._request_output(request) for request in touched.values()]
+        for out in outputs:
+            if out.finished:
+                self.requests.pop(out.request_id, None)
+        return outputs
+
+    def _banned_tokens(self, seq: Sequence) -> list[int]:
+        if len(seq.output_token_ids) >= seq.params.min_tokens:
+            return []
+        banned = list(seq.params.stop_token_ids)
+        if not seq.params.ignore_eos:
+            banned.extend(self.eos_token_ids)
+        return banned
+
+    def _append_token(self, seq: Sequence, token: int, sampled, row: int) -> None:
+        params = seq.params
+        seq.output_token_ids.append(token)
+        if sampled.sampled_logprobs is not None and params.logprobs is not None:
+            self._record_logprobs(seq, token, sampled, row)
+        is_eos = token in self.eos_token_ids and not params.ignore_eos
+        if is_eos or token in params.stop_token_ids:
+            # the stop token ends the text; its own text is shown only if asked for
+            if params.include_stop_str_in_output and not is_eos:
+                self.detokenizer.append(seq, flush=True)
+            seq.finish("stop", None if is_eos else token)
+            return
+        new = self.detokenizer.append(seq)
+        if params.stop_strings and new:
+            hit = find_stop_string(seq, len(new))
+            if hit is not None:
+                stop, index = hit
+                end = index + len(stop) if params.include_stop_str_in_output else index
+                seq.output_text = seq.output_text[:end]
+                seq.finish("stop", stop)
+                return
+        if (params.max_tokens is not None and len(seq.output_token_ids) >= params.max_tokens) or seq.num_tokens >= self.max_model_len:
+            self.detokenizer.append(seq, flush=True)
+            seq.finish("length")
+
+    def _record_logprobs(self, seq: Sequence, token: int, sampled, row: int) -> None:
+        entry = {
+            tid: Logprob(lp, rank + 1, self.detokenizer.token_text(tid))
+            for rank, (tid, lp) in enumerate(zip(sampled.top_ids[row], sampled.top_logprobs[row]))
+        }
+        if token not in entry:
+            entry[token] = Logprob(sampled.sampled_logprobs[row], sampled.sampled_ranks[row], self.detokenizer.token_text(token))
+        if seq.logprobs is None:
+            seq.logprobs = []
+        seq.logprobs.append(entry)
+        seq.cumulative_logprob += sampled.sampled_logprobs[row]
+
+    def _request_output(self, request: _Request) -> RequestOutput:
+        completions = [
+            CompletionOutput(
+                index=seq.index,
+                text=visible_text(seq),
+                token_ids=list(seq.output_token_ids),
+                cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
+                logprobs=seq.logprobs,
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+                lora_request=request.lora_request,
+            )
+            for seq in request.seqs
+        ]
+        finished = all(seq.is_finished for seq in request.seqs)
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
+                             finished, request.lora_request, dict(request.metrics))

@@ -1,0 +1,97 @@
+"""Turns a scheduled batch into one forward pass over the flattened tokens, and owns the KV cache."""
+
+from __future__ import annotations
+
+import torch
+
+from ..models import AttentionMetadata, CausalLM
+from .scheduler import ScheduledBatch
+
+
+class KVCache:
+    """One (key, value) pair of flat slot tensors per layer: slot = block_id * block_size + offset."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        slots = num_blocks * block_size
+        self.layers = [
+            (torch.zeros(slots, num_kv_heads, head_dim, dtype=dtype, device=device),  # [S, Hkv, D]
+             torch.zeros(slots, num_kv_heads, head_dim, dtype=dtype, device=device))
+            for _ in range(num_layers)
+        ]
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, kv_cache: KVCache, block_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.device = device
+        self.dtype = dtype
+
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Run the batch; return next-token logits [B, V] in `batch.sequences` order."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_indices: list[int] = []
+        bs = self.block_size
+        for seq in batch.prefills:
+            n = seq.num_tokens
+            input_ids.extend(seq.all_token_ids())
+            positions.extend(range(n))
+            slots.extend(seq.block_ids[p // bs] * bs + p % bs for p in range(n))
+            logits_indices.append(len(input_ids) - 1)
+        num_prefill_tokens = len(input_ids)
+        for seq in batch.decodes:
+            p = seq.num_tokens - 1
+            input_ids.append(seq.token_at(p))
+            positions.append(p)
+            slots.append(seq.block_ids[p // bs] * bs + p % bs)
+            logits_indices.append(len(input_ids) - 1)
+
+        to = dict(device=self.device, dtype=torch.long)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, **to),
+            prefill_lens=[seq.num_tokens for seq in batch.prefills],
+            num_prefill_tokens=num_prefill_tokens,
+            decode_slots=None, decode_mask=None, decode_window_mask=None,
+            sliding_window=self.model.sliding_window,
+        )
+        if batch.decodes:
+            self._decode_layout(batch, meta)
+        logits = self.model(
+            torch.tensor(input_ids, **to), torch.tensor(positions, **to), self.kv_cache.layers, meta,
+            torch.tensor(logits_indices, **to),
+        )
+        for seq in batch.prefills:
+            seq.num_cached_tokens = seq.num_tokens
+        for seq in batch.decodes:
+            seq.num_cached_tokens = seq.num_tokens
+        return logits
+
+    def _decode_layout(self, batch: ScheduledBatch, meta: AttentionMetadata) -> None:
+        """Gather indices and masks for decode attention, shared by all layers of the step."""
+        bs = self.block_size
+        lengths = [seq.num_tokens for seq in batch.decodes]
+        max_blocks = -(-max(lengths) // bs)
+        table = [seq.block_ids[:max_blocks] + [0] * (max_blocks - len(seq.block_ids[:max_blocks])) for seq in batch.decodes]
+        block_table = torch.tensor(table, device=self.device, dtype=torch.long)  # [Bd, nb]
+        offsets = torch.arange(bs, device=self.device)  # [bs]
+        length = max(lengths)
+        meta.decode_slots = (block_table[:, :, None] * bs + offsets).view(len(table), -1)[:, :length]  # [Bd, L]
+        context = torch.tensor(lengths, device=self.device)[:, None]  # [Bd, 1]
+        key_pos = torch.arange(length, device=self.device)[None, :]  # [1, L]
+        outside = key_pos >= context  # [Bd, L]
+        meta.decode_mask = _additive(outside, self.dtype)
+        if meta.sliding_window is not None:
+            meta.decode_window_mask = _additive(outside | (key_pos <= context - 1 - meta.sliding_window), self.dtype)
+
+
+def _additive(masked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # masked [Bd, L] bool -> [Bd, 1, 1, L] with -inf where masked
+    return torch.zeros(masked.shape, dtype=dtype, device=masked.device).masked_fill_(masked, float("-inf"))[:, None, None, :]

@@ -1,0 +1,99 @@
+"""Attention over a paged KV cache, in plain torch (runs on CPU and GPU alike).
+
+A step's tokens are flattened into one batch ordered as [prefill tokens..., decode tokens...].
+Prefill sequences attend causally to their own new tokens (the engine recomputes whole prompts,
+so a prefill never has a cached prefix); decode tokens attend to their sequence's cached keys,
+gathered from the block pool with indices computed once per step and shared by all layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step layout of the flattened batch; built by the model runner, read by every layer."""
+
+    slot_mapping: torch.Tensor  # [T] flat cache slot where each token's K/V is written
+    prefill_lens: list[int]  # new tokens of each prefill sequence, in batch order
+    num_prefill_tokens: int
+    decode_slots: torch.Tensor | None  # [Bd, L] flat cache slots of each decode sequence's context
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, L] additive mask: 0 inside the context, -inf after
+    decode_window_mask: torch.Tensor | None  # [Bd, 1, 1, L] same, also masking keys outside the sliding window
+    sliding_window: int | None
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return 0 if self.decode_slots is None else self.decode_slots.shape[0]
+
+
+class PagedAttention:
+    """Stateless attention kernel of one layer; the layer's cache tensors are passed in."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding: bool) -> None:
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.sliding = sliding
+        self.scale = head_dim**-0.5
+
+    def __call__(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        k_cache: torch.Tensor,  # [num_slots, Hkv, D]
+        v_cache: torch.Tensor,  # [num_slots, Hkv, D]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, Hq * D]
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)  # [T, Hq, D]
+        p = meta.num_prefill_tokens
+        if p:
+            self._prefill(q[:p], k[:p], v[:p], out[:p], meta)
+        if meta.num_decode_tokens:
+            self._decode(q[p:], k_cache, v_cache, out[p:], meta)
+        return out.view(q.shape[0], self.num_heads * self.head_dim)
+
+    def _prefill(self, q, k, v, out, meta: AttentionMetadata) -> None:
+        window = meta.sliding_window if self.sliding else None
+        start = 0
+        for length in meta.prefill_lens:
+            end = start + length
+            qs = q[start:end].transpose(0, 1)  # [Hq, L, D]
+            ks = k[start:end].transpose(0, 1)  # [Hkv, L, D]
+            vs = v[start:end].transpose(0, 1)  # [Hkv, L, D]
+            if window is not None and window < length:
+                mask = _sliding_causal_mask(length, window, q.device)  # [L, L]
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=self.scale, enable_gqa=True)
+            else:
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale, enable_gqa=True)
+            out[start:end] = o.transpose(0, 1)
+            start = end
+
+    def _decode(self, q, k_cache, v_cache, out, meta: AttentionMetadata) -> None:
+        bd, length = meta.decode_slots.shape
+        flat = meta.decode_slots.reshape(-1)  # [Bd * L]
+        keys = k_cache.index_select(0, flat).view(bd, length, self.num_kv_heads, self.head_dim)  # [Bd, L, Hkv, D]
+        values = v_cache.index_select(0, flat).view(bd, length, self.num_kv_heads, self.head_dim)
+        mask = meta.decode_window_mask if self.sliding and meta.decode_window_mask is not None else meta.decode_mask
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2),  # [Bd, Hq, 1, D]
+            keys.transpose(1, 2),  # [Bd, Hkv, L, D]
+            values.transpose(1, 2),
+            attn_mask=mask,
+            scale=self.scale,
+            enable_gqa=True,
+        )  # [Bd, Hq, 1, D]
+        out.copy_(o.squeeze(2))
+
+
+def _sliding_causal_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
+    i = torch.arange(length, device=device)
+    distance = i[:, None] - i[None, :]  # [L, L] query minus key position
+    return (distance >= 0) & (distance < window)  # True = may attend

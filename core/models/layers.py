@@ -1,0 +1,100 @@
+"""Building blocks of Llama-family decoders: norms, rotary embeddings, linears, activations."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style rotary embedding (rotate-half) with a cos/sin table indexed by position.
+
+    The inverse frequencies come from `transformers`' own rope functions, so every rope type
+    transformers knows (default, linear, llama3, yarn, ...) matches the oracle exactly.
+    """
+
+    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float, max_positions: int) -> None:
+        super().__init__()
+        positions = torch.arange(max_positions, dtype=torch.float32)  # [P]
+        freqs = torch.outer(positions, inv_freq.float())  # [P, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
+        self.register_buffer("cos", emb.cos() * attention_scaling, persistent=False)  # [P, D]
+        self.register_buffer("sin", emb.sin() * attention_scaling, persistent=False)  # [P, D]
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions [T]; q [T, Hq, D]; k [T, Hkv, D]
+        cos = self.cos.index_select(0, positions).unsqueeze(1).to(q.dtype)  # [T, 1, D]
+        sin = self.sin.index_select(0, positions).unsqueeze(1).to(q.dtype)  # [T, 1, D]
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Linear(nn.Module):
+    """`y = x W^T + b`, with W possibly packed from several checkpoint tensors (q/k/v, gate/up).
+
+    `output_sizes` names the row blocks ("slices") of W; the weight loader fills each slice from
+    its own checkpoint tensor, and LoRA layers add one delta per slice. On CPU in float32 the
+    weight is reordered once into oneDNN's blocked layout after loading (`pack_for_inference`):
+    for the small batches of decoding that is about 1.5-2x faster than a plain GEMM.
+    """
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.output_sizes = list(output_sizes)
+        self.out_features = sum(output_sizes)
+        self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(self.out_features), requires_grad=False) if bias else None
+        self._packed: torch.Tensor | None = None
+
+    def load_slice(self, index: int, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        start = sum(self.output_sizes[:index])
+        rows = self.output_sizes[index]
+        if weight.shape != (rows, self.in_features):
+            raise ValueError(
+                f"checkpoint tensor for slice {index} has shape {tuple(weight.shape)}, "
+                f"expected {(rows, self.in_features)}"
+            )
+        self.weight.data[start : start + rows].copy_(weight)
+        if bias is not None:
+            if self.bias is None:
+                raise ValueError("checkpoint has a bias for a linear layer configured without one")
+            self.bias.data[start : start + rows].copy_(bias)
+
+    def pack_for_inference(self) -> None:
+        w = self.weight.data
+        if w.device.type != "cpu" or w.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+            return
+        try:
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(w, 64)
+        except (RuntimeError, AttributeError):  # no oneDNN kernel for this CPU: plain GEMM it is
+            self._packed = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    # gate_up [T, 2I] -> [T, I]
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

@@ -1,0 +1,127 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) over a paged KV cache.
+
+One implementation covers the family; the architectures differ only in switches read from the
+Hugging Face config: q/k/v bias (Qwen2, Llama's `attention_bias`), per-head q/k RMSNorm (Qwen3),
+MLP bias, sliding-window layers, tied embeddings and the rope type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from .attention import AttentionMetadata, PagedAttention
+from .layers import Linear, RMSNorm, RotaryEmbedding, silu_and_mul
+from .rope import rope_inverse_frequencies
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: PretrainedConfig, arch: "ArchitectureTraits", layer_index: int) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or hidden // self.num_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        qkv_bias = arch.qkv_bias or bool(getattr(config, "attention_bias", False))
+        mlp_bias = bool(getattr(config, "mlp_bias", False))
+        self.qkv_proj = Linear(hidden, [self.q_size, self.kv_size, self.kv_size], bias=qkv_bias)
+        self.o_proj = Linear(self.q_size, [hidden], bias=arch.o_bias and qkv_bias)
+        self.gate_up_proj = Linear(hidden, [config.intermediate_size] * 2, bias=mlp_bias)
+        self.down_proj = Linear(config.intermediate_size, [hidden], bias=mlp_bias)
+        self.input_layernorm = RMSNorm(hidden, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if arch.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if arch.qk_norm else None
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, arch.is_sliding(config, layer_index))
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [T, H]
+        positions: torch.Tensor,  # [T]
+        rotary: RotaryEmbedding,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        t = hidden.shape[0]
+        qkv = self.qkv_proj(self.input_layernorm(hidden))  # [T, q + 2kv]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(t, self.num_heads, self.head_dim)  # [T, Hq, D]
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(positions, q, k)
+        attn_out = self.attn(q, k, v, kv_cache[0], kv_cache[1], meta)  # [T, Hq * D]
+        hidden = hidden + self.o_proj(attn_out)
+        mlp_out = self.down_proj(silu_and_mul(self.gate_up_proj(self.post_attention_layernorm(hidden))))
+        return hidden + mlp_out  # [T, H]
+
+
+class ArchitectureTraits:
+    """What distinguishes one supported architecture from another."""
+
+    def __init__(self, qkv_bias: bool = False, o_bias: bool = True, qk_norm: bool = False, sliding: str = "none"):
+        self.qkv_bias = qkv_bias  # q/k/v always carry a bias (Qwen2)
+        self.o_bias = o_bias  # o_proj carries a bias whenever q/k/v do (Llama's attention_bias)
+        self.qk_norm = qk_norm
+        self.sliding = sliding  # "none" | "all" (Mistral) | "layer_types" (Qwen2/Qwen3)
+
+    def is_sliding(self, config: PretrainedConfig, layer_index: int) -> bool:
+        if getattr(config, "sliding_window", None) is None:
+            return False
+        if self.sliding == "all":
+            return True
+        if self.sliding == "layer_types":
+            layer_types = getattr(config, "layer_types", None) or []
+            return layer_index < len(layer_types) and layer_types[layer_index] == "sliding_attention"
+        return False
+
+
+class CausalLM(nn.Module):
+    """Decoder-only LM: embeddings, N decoder layers, final norm, LM head (maybe tied)."""
+
+    def __init__(self, config: PretrainedConfig, arch: ArchitectureTraits, max_positions: int) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(config, arch, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = Linear(config.hidden_size, [config.vocab_size], bias=False)
+        inv_freq, attention_scaling = rope_inverse_frequencies(config)
+        self.rotary = RotaryEmbedding(inv_freq, attention_scaling, max_positions)
+        self.sliding_window = getattr(config, "sliding_window", None) if any(
+            layer.attn.sliding for layer in self.layers
+        ) else None
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+        logits_indices: torch.Tensor,  # [B] the tokens whose next-token logits are wanted
+    ) -> torch.Tensor:  # [B, V] float32
+        hidden = self.embed_tokens(input_ids)  # [T, H]
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden = layer(hidden, positions, self.rotary, kv_cache, meta)
+        hidden = self.norm(hidden.index_select(0, logits_indices))  # [B, H]
+        return self.lm_head(hidden).float()  # [B, V]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Fill parameters from Hugging Face checkpoint names, packing q/k/v and gate/up."""
+        from .weight_map import assign_checkpoint_tensors
+
+        assign_checkpoint_tensors(self, weights)
+        if self.tie_word_embeddings:
+            self.lm_head.weight.data = self.embed_tokens.weight.data
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack_for_inference()
