@@ -185,6 +185,7 @@ class LLMEngine:
 
     # ---- the step -----------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one batched forward pass; return the outputs of every request it advanced."""
         batch = self.scheduler.schedule()

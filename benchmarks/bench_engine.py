@@ -1,0 +1,67 @@
+"""Throughput of loraplex against transformers' batched `generate` on the embedded model (CPU, fp32).
+
+Both generate exactly `--new-tokens` greedy tokens for the same prompts; tokens per second count
+generated tokens over wall time (prefill included). Run: `python benchmarks/bench_engine.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from prompts import benchmark_prompts
+
+
+def bench_transformers(model_dir: str, prompts: list[str], new_tokens: int) -> tuple[float, list[list[int]]]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    kwargs = dict(do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    with torch.inference_mode():
+        model.generate(**enc, max_new_tokens=2, min_new_tokens=2, **kwargs)  # warm-up
+        start = time.perf_counter()
+        out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        elapsed = time.perf_counter() - start
+    tokens = out[:, enc.input_ids.shape[1]:].tolist()
+    return len(prompts) * new_tokens / elapsed, tokens
+
+
+def bench_loraplex(llm, prompts: list[str], new_tokens: int) -> tuple[float, list[list[int]]]:
+    from loraplex import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, min_tokens=new_tokens)  # as min_new_tokens
+    llm.generate(prompts[:4], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    return len(prompts) * new_tokens / elapsed, [o.outputs[0].token_ids for o in outs]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batches", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    args = parser.parse_args()
+
+    from loraplex import LLM
+    from loraplex.model_loader import embedded_model_dir
+
+    model_dir = str(embedded_model_dir())
+    llm = LLM(model_dir, device="cpu", dtype="float32")
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{'prompts':>8} {'transformers tok/s':>19} {'loraplex tok/s':>15} {'ratio':>6} {'same greedy tokens':>19}")
+    for n in args.batches:
+        prompts = benchmark_prompts(n)
+        hf_tps, hf_tokens = bench_transformers(model_dir, prompts, args.new_tokens)
+        lp_tps, lp_tokens = bench_loraplex(llm, prompts, args.new_tokens)
+        same = sum(a == b for a, b in zip(hf_tokens, lp_tokens))
+        print(f"{n:>8} {hf_tps:>19.1f} {lp_tps:>15.1f} {lp_tps / hf_tps:>5.2f}x {same:>12}/{n}")
+
+
+if __name__ == "__main__":
+    main()

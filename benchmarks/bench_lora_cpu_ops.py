@@ -1,0 +1,146 @@
+"""Compare the torch formulations of LoRA shrink+expand on CPU at the embedded model's shapes.
+
+SmolLM2-135M: hidden 576, packed q/k/v out 576/192/192, gate/up 1536/1536, down 1536 -> 576,
+rank 16. Each formulation in `loraplex.kernels.torch_ops.FORMULATIONS` runs shrink then expand
+(what `lora_apply` does) for the three packed modules of one decoder layer; the script prints
+the median time per layer and per module, side by side, plus what `choose_formulation` picks.
+Every formulation's output is checked against the reference before it is timed.
+
+    .venv/bin/python benchmarks/bench_lora_cpu_ops.py [--dtype fp32|bf16] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from loraplex.kernels import reference, torch_ops
+from loraplex.kernels.mapping import LoRABatchMapping
+
+HIDDEN = 576
+INTERMEDIATE = 1536
+RANK = 16
+
+
+@dataclass(frozen=True)
+class Module:
+    name: str
+    in_features: int
+    slice_offsets: tuple[int, ...]
+
+
+MODULES = (
+    Module("qkv", HIDDEN, (0, 576, 768, 960)),
+    Module("gate_up", HIDDEN, (0, INTERMEDIATE, 2 * INTERMEDIATE)),
+    Module("down", INTERMEDIATE, (0, HIDDEN)),
+)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    token_slots: list[int]
+    num_slots: int
+
+
+def scenarios(seed: int = 0) -> list[Scenario]:
+    rng = random.Random(seed)
+    decode16 = [i % 8 for i in range(16)]
+    rng.shuffle(decode16)  # decode order follows requests, not adapters
+    decode64 = list(range(64))
+    rng.shuffle(decode64)
+    prefill = [r for r in range(4) for _ in range(128)]  # 4 prompts of 128 tokens, one adapter each
+    return [
+        Scenario("decode T=16, 8 adapters", decode16, 8),
+        Scenario("decode T=64, 64 adapters", decode64, 64),
+        Scenario("prefill T=512, 4 adapters", prefill, 4),
+    ]
+
+
+def median_seconds(fn: Callable[[], object], min_time: float = 0.3, repeats: int = 7) -> float:
+    fn()  # warm-up
+    n = 1
+    while True:  # pick a loop count that runs for about min_time / repeats
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        if time.perf_counter() - start > min_time / repeats:
+            break
+        n *= 2
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        samples.append((time.perf_counter() - start) / n)
+    return statistics.median(samples)
+
+
+def run(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    names = list(torch_ops.FORMULATIONS)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, dtype {dtype}, rank {RANK}")
+    header = f"{'scenario':28s} {'module':8s} " + " ".join(f"{n:>11s}" for n in names) + "   default"
+    print(header)
+    print("-" * len(header))
+    for sc in scenarios():
+        mapping = LoRABatchMapping.from_token_slots(torch.tensor(sc.token_slots), sc.num_slots)
+        t = len(sc.token_slots)
+        totals = dict.fromkeys(names, 0.0)
+        for mod in MODULES:
+            n_slices = len(mod.slice_offsets) - 1
+            n_total = mod.slice_offsets[-1]
+            x = torch.randn(t, mod.in_features, dtype=dtype)  # [T, in]
+            lora_a = torch.randn(sc.num_slots, n_slices * RANK, mod.in_features, dtype=dtype) * 0.05
+            lora_b = torch.randn(sc.num_slots, n_total, RANK, dtype=dtype) * 0.05
+            base = torch.randn(t, n_total, dtype=dtype)  # [T, N]
+            expected = _reference_apply(x, lora_a, lora_b, mapping, base, mod.slice_offsets)
+            cells = []
+            for name in names:
+                shrink_fn, expand_fn = torch_ops.FORMULATIONS[name]
+                y = torch.empty(t, n_slices * RANK, dtype=dtype)  # [T, nR]
+                out = base.clone()
+
+                def step() -> None:
+                    shrink_fn(x, lora_a, mapping, n_slices, y)
+                    expand_fn(y, lora_b, mapping, out, mod.slice_offsets)
+
+                out.copy_(base)
+                step()
+                tol = 1e-3 if dtype == torch.float32 else 5e-2
+                torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
+                seconds = median_seconds(step)
+                totals[name] += seconds
+                cells.append(f"{seconds * 1e6:9.1f}us")
+            print(f"{sc.name:28s} {mod.name:8s} " + " ".join(cells))
+        best = min(totals, key=totals.__getitem__)
+        cells = [f"{totals[n] * 1e6:9.1f}us" for n in names]
+        chosen = torch_ops.choose_formulation(mapping)
+        print(f"{sc.name:28s} {'layer':8s} " + " ".join(cells) + f"   {chosen} (fastest: {best})")
+        print()
+
+
+def _reference_apply(x, lora_a, lora_b, mapping, base, offsets) -> torch.Tensor:
+    y = torch.empty(x.shape[0], lora_a.shape[1], dtype=torch.float32)  # [T, nR]
+    reference.shrink(x, lora_a, mapping, len(offsets) - 1, y)
+    return reference.expand(y, lora_b, mapping, base.clone(), offsets)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run({"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
+
+
+if __name__ == "__main__":
+    main()
