@@ -79,8 +79,11 @@ class PagedAttention:
     def _decode(self, q, k_cache, v_cache, out, meta: AttentionMetadata) -> None:
         bd, length = meta.decode_slots.shape
         flat = meta.decode_slots.reshape(-1)  # [Bd * L]
-        keys = k_cache.index_select(0, flat).view(bd, length, self.num_kv_heads, self.head_dim)  # [Bd, L, Hkv, D]
-        values = v_cache.index_select(0, flat).view(bd, length, self.num_kv_heads, self.head_dim)
+        # gathering rows of a 2-D view is markedly faster than of the 3-D cache on CPU
+        rows = k_cache.view(k_cache.shape[0], -1)  # [num_slots, Hkv * D]
+        keys = rows.index_select(0, flat).view(bd, length, self.num_kv_heads, self.head_dim)  # [Bd, L, Hkv, D]
+        rows = v_cache.view(v_cache.shape[0], -1)
+        values = rows.index_select(0, flat).view(bd, length, self.num_kv_heads, self.head_dim)
         mask = meta.decode_window_mask if self.sliding and meta.decode_window_mask is not None else meta.decode_mask
         o = F.scaled_dot_product_attention(
             q.unsqueeze(2),  # [Bd, Hq, 1, D]

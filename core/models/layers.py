@@ -32,16 +32,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos() * attention_scaling, persistent=False)  # [P, D]
         self.register_buffer("sin", emb.sin() * attention_scaling, persistent=False)  # [P, D]
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions [T]; q [T, Hq, D]; k [T, Hkv, D]
-        cos = self.cos.index_select(0, positions).unsqueeze(1).to(q.dtype)  # [T, 1, D]
-        sin = self.sin.index_select(0, positions).unsqueeze(1).to(q.dtype)  # [T, 1, D]
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, 1, D] for the step's positions [T]; computed once, used by every layer."""
+        cos = self.cos.index_select(0, positions).unsqueeze(1).to(dtype)  # [T, 1, D]
+        sin = self.sin.index_select(0, positions).unsqueeze(1).to(dtype)  # [T, 1, D]
+        return cos, sin
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [T, H, D]; cos, sin [T, 1, D]
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin

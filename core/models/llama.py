@@ -14,7 +14,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from .attention import AttentionMetadata, PagedAttention
-from .layers import Linear, RMSNorm, RotaryEmbedding, silu_and_mul
+from .layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, silu_and_mul
 from .rope import rope_inverse_frequencies
 
 
@@ -42,8 +42,7 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,  # [T, H]
-        positions: torch.Tensor,  # [T]
-        rotary: RotaryEmbedding,
+        rotary: tuple[torch.Tensor, torch.Tensor],  # cos, sin [T, 1, D]
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
@@ -55,7 +54,7 @@ class DecoderLayer(nn.Module):
         v = v.reshape(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         attn_out = self.attn(q, k, v, kv_cache[0], kv_cache[1], meta)  # [T, Hq * D]
         hidden = hidden + self.o_proj(attn_out)
         mlp_out = self.down_proj(silu_and_mul(self.gate_up_proj(self.post_attention_layernorm(hidden))))
@@ -110,8 +109,9 @@ class CausalLM(nn.Module):
         logits_indices: torch.Tensor,  # [B] the tokens whose next-token logits are wanted
     ) -> torch.Tensor:  # [B, V] float32
         hidden = self.embed_tokens(input_ids)  # [T, H]
+        rotary = self.rotary(positions, hidden.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden = layer(hidden, positions, self.rotary, kv_cache, meta)
+            hidden = layer(hidden, rotary, kv_cache, meta)
         hidden = self.norm(hidden.index_select(0, logits_indices))  # [B, H]
         return self.lm_head(hidden).float()  # [B, V]
 
