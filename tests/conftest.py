@@ -1,0 +1,20 @@
+"""Fixtures shared by the whole suite. Keep this file small: module-specific fixtures belong in
+the test module that uses them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def embedded_model_path() -> Path:
+    """The embedded model (SmolLM2-135M-Instruct) as a Hugging Face directory.
+
+    It lives in the user's normal cache (LORAPLEX_CACHE_DIR, else ~/.cache/loraplex), so the
+    ~20 s conversion happens once per machine, not once per test run.
+    """
+    from loraplex.model_loader.embedded import embedded_model_dir
+
+    return embedded_model_dir()
