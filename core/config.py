@@ -20,6 +20,9 @@ class EngineArgs:
     device: "auto" (cuda when present), "cpu" or "cuda". dtype: "auto" (float32 on CPU,
     bfloat16 on GPU) or a dtype name. kv_cache_memory_bytes: the KV block pool's size; None
     takes `VLLM_CPU_KVCACHE_SPACE` GiB (default 4) on CPU, `gpu_memory_utilization` of the GPU.
+    enable_lora: serve LoRA adapters; max_loras adapters fit in device slots at once (so at most
+    that many distinct adapters run in one step), max_cpu_loras stay cached on the CPU, and no
+    adapter may have a rank above max_lora_rank.
     """
 
     model: str | None = None
@@ -34,6 +37,10 @@ class EngineArgs:
     block_size: int = 16
     kv_cache_memory_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None  # None: as many as max_loras
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *_DTYPES):
@@ -48,6 +55,12 @@ class EngineArgs:
             _positive("max_num_batched_tokens", self.max_num_batched_tokens)
         if self.kv_cache_memory_bytes is not None:
             _positive("kv_cache_memory_bytes", self.kv_cache_memory_bytes)
+        _positive("max_loras", self.max_loras)
+        _positive("max_lora_rank", self.max_lora_rank)
+        if self.max_cpu_loras is not None:
+            _positive("max_cpu_loras", self.max_cpu_loras)
+            if self.max_cpu_loras < self.max_loras:
+                raise ConfigError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1]; got {self.gpu_memory_utilization}")
 

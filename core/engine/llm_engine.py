@@ -12,6 +12,9 @@ import torch
 
 from ..config import EngineArgs
 from ..errors import ConfigError, InvalidRequestError
+from ..lora.manager import LoRAManager, LoRAManagerConfig
+from ..lora.request import LoRARequest
+from ..lora.resolve import lora_request_from
 from ..model_loader.loader import load_config, load_model, resolve_model_path
 from ..outputs import CompletionOutput, Logprob, RequestOutput
 from ..sampling_params import SamplingParams
@@ -61,8 +64,11 @@ class LLMEngine:
         num_blocks = self._num_kv_blocks(layer.num_kv_heads, layer.head_dim)
         self.kv_cache = KVCache(len(self.model.layers), num_blocks, args.block_size, layer.num_kv_heads,
                                 layer.head_dim, self.dtype, self.device)
-        self.scheduler = Scheduler(BlockPool(num_blocks, args.block_size), args.max_num_seqs, self.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.kv_cache, args.block_size, self.device, self.dtype)
+        self.served_model_name = args.served_model_name or (args.model if args.model else self.model_path.name)
+        self.lora_manager = self._lora_manager() if args.enable_lora else None
+        self.scheduler = Scheduler(BlockPool(num_blocks, args.block_size), args.max_num_seqs,
+                                   self.max_num_batched_tokens, self.lora_manager)
+        self.runner = ModelRunner(self.model, self.kv_cache, args.block_size, self.device, self.dtype, self.lora_manager)
         self.sampler = Sampler(args.seed, self.device)
         self.detokenizer = IncrementalDetokenizer(self.tokenizer)
         self.eos_token_ids = stop_token_ids_of(self.tokenizer, self.model_path)
@@ -99,6 +105,12 @@ class LLMEngine:
             )
         return num_blocks
 
+    def _lora_manager(self) -> LoRAManager:
+        args = self.args
+        served = {self.served_model_name, self.model_path.name}
+        return LoRAManager(self.model, LoRAManagerConfig(args.max_loras, args.max_lora_rank,
+                                                         args.max_cpu_loras or args.max_loras, served))
+
     def _default_kv_budget(self) -> int:
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
@@ -116,14 +128,20 @@ class LLMEngine:
         prompt: PromptType,
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
-        lora_request: Any = None,
+        lora_request: LoRARequest | str | None = None,
     ) -> None:
-        """Queue a prompt (text, `{"prompt": ...}` or `{"prompt_token_ids": [...]}`) for generation."""
+        """Queue a prompt (text, `{"prompt": ...}` or `{"prompt_token_ids": [...]}`) for generation.
+
+        `lora_request` is a LoRARequest or a string: a local adapter directory, a Hub repo id, or
+        the name of an adapter already added. The adapter is loaded and checked here, so a bad
+        one fails this call and nothing else.
+        """
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use; give each request a unique id")
         params = params or SamplingParams()
         text, token_ids = self._tokenize(prompt)
         self._validate_prompt(token_ids)
+        lora_request = self._register_lora(lora_request) if lora_request is not None else None
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         seqs = []
         for index in range(params.n):
@@ -131,7 +149,8 @@ class LLMEngine:
             if params.seed is not None:
                 generator = torch.Generator(device=self.device)
                 generator.manual_seed(params.seed + index)
-            seq = Sequence(next(self._seq_ids), request_id, index, list(token_ids), params, arrival, generator)
+            seq = Sequence(next(self._seq_ids), request_id, index, list(token_ids), params, arrival, generator,
+                           lora_name=lora_request.lora_name if lora_request else None)
             self.detokenizer.start(seq)
             seqs.append(seq)
         request = _Request(request_id, text, list(token_ids), params, seqs, arrival, lora_request)
@@ -139,6 +158,34 @@ class LLMEngine:
         self.requests[request_id] = request
         for seq in seqs:
             self.scheduler.add(seq)
+
+    def _register_lora(self, lora_request: LoRARequest | str) -> LoRARequest:
+        if self.lora_manager is None:
+            raise InvalidRequestError(
+                "a LoRA adapter was requested but LoRA is not enabled; start the engine with enable_lora=True (--enable-lora)"
+            )
+        request = lora_request_from(lora_request, self.lora_manager.registered)
+        self.lora_manager.add_lora(request)
+        return request
+
+    # ---- adapters (vLLM's engine methods) ---------------------------------------------------------
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        return self._lora().add_lora(lora_request)
+
+    def remove_lora(self, lora_id: int | str) -> bool:
+        return self._lora().remove_lora(lora_id)
+
+    def pin_lora(self, lora_id: int | str) -> bool:
+        return self._lora().pin_lora(lora_id)
+
+    def list_loras(self) -> set[int]:
+        return self._lora().list_loras()
+
+    def _lora(self) -> LoRAManager:
+        if self.lora_manager is None:
+            raise ConfigError("LoRA is not enabled on this engine; create it with enable_lora=True (--enable-lora)")
+        return self.lora_manager
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

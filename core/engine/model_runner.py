@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..models import AttentionMetadata, CausalLM
+from ..lora.manager import LoRAManager
 from .scheduler import ScheduledBatch
 
 
@@ -26,8 +27,10 @@ class KVCache:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_cache: KVCache, block_size: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, model: CausalLM, kv_cache: KVCache, block_size: int, device: torch.device,
+                 dtype: torch.dtype, lora_manager: LoRAManager | None = None) -> None:
         self.model = model
+        self.lora_manager = lora_manager
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = device
@@ -64,6 +67,8 @@ class ModelRunner:
         )
         if batch.decodes:
             self._decode_layout(batch, meta)
+        if self.lora_manager is not None:
+            self._lora_layout(batch)
         logits = self.model(
             torch.tensor(input_ids, **to), torch.tensor(positions, **to), self.kv_cache.layers, meta,
             torch.tensor(logits_indices, **to),
@@ -73,6 +78,14 @@ class ModelRunner:
         for seq in batch.decodes:
             seq.num_cached_tokens = seq.num_tokens
         return logits
+
+    def _lora_layout(self, batch: ScheduledBatch) -> None:
+        manager = self.lora_manager
+        token_slots: list[int] = []
+        for seq in batch.prefills:
+            token_slots.extend([manager.slot_of(seq.lora_name)] * seq.num_tokens)
+        token_slots.extend(manager.slot_of(seq.lora_name) for seq in batch.decodes)
+        manager.set_step(token_slots, self.device)
 
     def _decode_layout(self, batch: ScheduledBatch, meta: AttentionMetadata) -> None:
         """Gather indices and masks for decode attention, shared by all layers of the step."""

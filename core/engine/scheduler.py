@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .block_pool import BlockPool
 from .sequence import Sequence, SequenceStatus
@@ -31,9 +32,24 @@ class ScheduledBatch:
         return bool(self.prefills or self.decodes)
 
 
+class AdapterSlots(Protocol):
+    """What the scheduler needs of the LoRA manager: a device slot per running adapter."""
+
+    def acquire(self, name: str) -> bool: ...
+    def release(self, name: str) -> None: ...
+
+
+# How many steps later waiting sequences may overtake one that waits for an adapter slot; after
+# that, admission is strictly first-come-first-served until it gets one, so no adapter starves.
+MAX_OVERTAKING_STEPS = 16
+
+
 class Scheduler:
-    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int,
+                 adapters: AdapterSlots | None = None) -> None:
         self.pool = pool
+        self.adapters = adapters
+        self._slot_wait_steps = 0
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         # keep ~1% of blocks free when admitting, so new prompts rarely cause preemption at once
@@ -70,24 +86,41 @@ class Scheduler:
 
     def _admit_waiting(self, batch: ScheduledBatch) -> None:
         budget = self.max_num_batched_tokens - len(batch.decodes)
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        blocked_on_slot = False
+        for seq in list(self.waiting):
+            if len(self.running) >= self.max_num_seqs:
+                break
             tokens = seq.num_tokens
             need = self.pool.blocks_needed(tokens, 0)
             reserve = self.watermark_blocks if self.running else 0  # an idle engine may use every block
             if tokens > budget or need > self.pool.num_free - reserve:
-                break
-            self.waiting.popleft()
+                break  # memory is handed out strictly first come, first served
+            if blocked_on_slot:
+                # an earlier sequence waits for an adapter slot: later ones may pass it only for a
+                # bounded number of steps, and only if they need no slot of their own
+                if self._slot_wait_steps >= MAX_OVERTAKING_STEPS:
+                    break
+                if seq.lora_name is not None and seq.lora_name not in self._busy_adapters():
+                    continue
+            if seq.lora_name is not None and self.adapters is not None and not self.adapters.acquire(seq.lora_name):
+                blocked_on_slot = True
+                continue
+            self.waiting.remove(seq)
             seq.block_ids = self.pool.allocate(need)
             seq.num_cached_tokens = 0
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.prefills.append(seq)
             budget -= tokens
+        self._slot_wait_steps = self._slot_wait_steps + 1 if blocked_on_slot else 0
+
+    def _busy_adapters(self) -> set[str]:
+        return {seq.lora_name for seq in self.running if seq.lora_name is not None}
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         self.running.remove(seq)
         self.pool.release(seq.block_ids)
+        self._release_adapter(seq)
         seq.num_cached_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
@@ -98,6 +131,11 @@ class Scheduler:
         """Forget a finished or aborted sequence, returning its blocks."""
         if seq in self.running:
             self.running.remove(seq)
+            self._release_adapter(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.pool.release(seq.block_ids)
+
+    def _release_adapter(self, seq: Sequence) -> None:
+        if seq.lora_name is not None and self.adapters is not None:
+            self.adapters.release(seq.lora_name)

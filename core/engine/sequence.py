@@ -28,7 +28,7 @@ class Sequence:
     params: SamplingParams
     arrival: float
     generator: torch.Generator | None = None
-    lora_slot_key: object = None  # filled by the LoRA manager
+    lora_name: str | None = None  # the adapter this sequence runs with (None = base model)
     output_token_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # tokens whose K/V sit in the cache

@@ -11,8 +11,8 @@ import torch
 if TYPE_CHECKING:
     from .llama import CausalLM
 
-# checkpoint module -> (our module, slice index)
-_PACKED = {
+# checkpoint module (as PEFT names it too) -> (our packed module, slice index)
+PACKED_MODULES = {
     "self_attn.q_proj": ("qkv_proj", 0),
     "self_attn.k_proj": ("qkv_proj", 1),
     "self_attn.v_proj": ("qkv_proj", 2),
@@ -63,7 +63,7 @@ def _assign_one(model: "CausalLM", name: str, tensor: torch.Tensor) -> str | Non
         return None
     layer = model.layers[int(match.group(1))]
     rest = match.group(2)
-    for prefix, (attr, index) in _PACKED.items():
+    for prefix, (attr, index) in PACKED_MODULES.items():
         if rest == f"{prefix}.weight":
             getattr(layer, attr).load_slice(index, tensor)
             return name
@@ -93,7 +93,7 @@ def _expected_names(model: "CausalLM") -> set[str]:
     if not model.tie_word_embeddings:
         names.add("lm_head.weight")
     for i, layer in enumerate(model.layers):
-        for prefix, (attr, _) in _PACKED.items():
+        for prefix, (attr, _) in PACKED_MODULES.items():
             names.add(f"model.layers.{i}.{prefix}.weight")
             if getattr(layer, attr).bias is not None:
                 names.add(f"model.layers.{i}.{prefix}.bias")

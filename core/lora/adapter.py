@@ -1,0 +1,140 @@
+"""Loading a PEFT LoRA adapter from disk into CPU tensors shaped for the served model."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import InvalidLoRAAdapterError, LoRAAdapterNotFoundError
+from ..models import CausalLM
+from ..models.weight_map import PACKED_MODULES
+from .peft_config import AdapterConfig
+
+# base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight (an adapter name may follow lora_A)
+_WEIGHT = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.((?:self_attn|mlp)\.\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+
+ModuleKey = tuple[int, str]  # (layer index, packed module name such as "qkv_proj")
+
+
+@dataclass
+class LoRAAdapter:
+    """An adapter's weights on the CPU, ready to copy into a device slot.
+
+    `weights[(layer, module)][slice] = (A [r, in], B [out, r])`, with the LoRA scaling already
+    folded into B.
+    """
+
+    name: str
+    path: str
+    rank: int
+    weights: dict[ModuleKey, dict[int, tuple[torch.Tensor, torch.Tensor]]]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for slices in self.weights.values() for a, b in slices.values())
+
+
+def load_adapter(
+    path: str | Path, name: str, model: CausalLM, max_lora_rank: int, dtype: torch.dtype, served_names: set[str]
+) -> LoRAAdapter:
+    """Read, check and scale an adapter; every refusal names the adapter, the reason and the fix."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LoRAAdapterNotFoundError(f"LoRA adapter {name!r}: {str(path)!r} is not a directory; give the path of a PEFT adapter directory")
+    config = AdapterConfig.from_dir(path, name)
+    _check_base_model(config, name, served_names)
+    pairs = _read_pairs(path, name)
+    weights: dict[ModuleKey, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    max_rank = 0
+    for (layer_index, module_name), (a, b) in sorted(pairs.items()):
+        full_name = f"model.layers.{layer_index}.{module_name}"
+        if module_name not in PACKED_MODULES or layer_index >= len(model.layers):
+            raise InvalidLoRAAdapterError(
+                f"LoRA adapter {name!r}: it targets {full_name!r}, a module the served model does not have "
+                f"(layers: {len(model.layers)}; LoRA-capable modules: {', '.join(PACKED_MODULES)}); use an adapter trained for this model"
+            )
+        packed, slice_index = PACKED_MODULES[module_name]
+        linear = getattr(model.layers[layer_index], packed)
+        linear = getattr(linear, "base", linear)
+        rank = a.shape[0]
+        expected_a = (rank, linear.in_features)
+        expected_b = (linear.output_sizes[slice_index], rank)
+        if a.dim() != 2 or b.dim() != 2 or tuple(a.shape) != expected_a or tuple(b.shape) != expected_b:
+            raise InvalidLoRAAdapterError(
+                f"LoRA adapter {name!r}: weights of {full_name!r} have shapes A {tuple(a.shape)}, B {tuple(b.shape)} but "
+                f"the served model needs A {expected_a}, B {expected_b}; the adapter was trained for a different base model"
+            )
+        if rank > max_lora_rank:
+            raise InvalidLoRAAdapterError(
+                f"LoRA adapter {name!r}: rank {rank} of {full_name!r} exceeds max_lora_rank={max_lora_rank}; "
+                f"start the engine with max_lora_rank >= {rank}"
+            )
+        configured_rank, _ = config.rank_and_alpha(full_name)
+        if configured_rank != rank:
+            raise InvalidLoRAAdapterError(
+                f"LoRA adapter {name!r}: {full_name!r} has rank {rank} in its weights but {configured_rank} in "
+                "adapter_config.json (r / rank_pattern); the files do not belong together"
+            )
+        scaled_b = (b.float() * config.scaling(full_name)).to(dtype)  # [out, r]
+        weights.setdefault((layer_index, packed), {})[slice_index] = (a.to(dtype).contiguous(), scaled_b.contiguous())
+        max_rank = max(max_rank, rank)
+    if not weights:
+        raise InvalidLoRAAdapterError(f"LoRA adapter {name!r}: {str(path)!r} holds no LoRA weights for any layer of the served model")
+    return LoRAAdapter(name, str(path), max_rank, weights)
+
+
+def _read_pairs(path: Path, name: str) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    tensors = _read_tensors(path, name)
+    halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _WEIGHT.match(key)
+        if match is None:
+            raise InvalidLoRAAdapterError(
+                f"LoRA adapter {name!r}: tensor {key!r} is not a LoRA A/B weight of a decoder layer's linear "
+                "(embedding or lm_head LoRA is not supported); use an adapter that targets attention/MLP projections only"
+            )
+        halves.setdefault((int(match.group(1)), match.group(2)), {})[match.group(3)] = tensor
+    pairs = {}
+    for key, half in halves.items():
+        if set(half) != {"A", "B"}:
+            missing = "B" if "A" in half else "A"
+            raise InvalidLoRAAdapterError(f"LoRA adapter {name!r}: lora_{missing} is missing for layer {key[0]} {key[1]}; the weight file is incomplete")
+        pairs[key] = (half["A"], half["B"])
+    return pairs
+
+
+def _read_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+    safetensors_file = path / "adapter_model.safetensors"
+    bin_file = path / "adapter_model.bin"
+    try:
+        if safetensors_file.is_file():
+            from safetensors.torch import load_file
+
+            return load_file(str(safetensors_file), device="cpu")
+        if bin_file.is_file():
+            # weights_only: a .bin is a pickle, and nothing is ever unpickled freely
+            return torch.load(str(bin_file), map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt file surfaces as many exception types
+        raise InvalidLoRAAdapterError(f"LoRA adapter {name!r}: cannot read its weights in {str(path)!r} ({type(exc).__name__}: {exc})") from exc
+    raise LoRAAdapterNotFoundError(
+        f"LoRA adapter {name!r}: {str(path)!r} has no adapter_model.safetensors (or adapter_model.bin); save it with PEFT's save_pretrained"
+    )
+
+
+def _check_base_model(config: AdapterConfig, name: str, served_names: set[str]) -> None:
+    base = config.base_model_name_or_path
+    if not base or not served_names:
+        return
+    if _short(base) not in {_short(n) for n in served_names}:
+        raise InvalidLoRAAdapterError(
+            f"LoRA adapter {name!r}: it was trained for base model {base!r}, but this engine serves "
+            f"{sorted(served_names)[0]!r}; use an adapter for the served model (or, if it is known to fit, "
+            "correct base_model_name_or_path in its adapter_config.json)"
+        )
+
+
+def _short(model_name: str) -> str:
+    return model_name.rstrip("/").rsplit("/", 1)[-1].lower()

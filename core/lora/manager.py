@@ -1,0 +1,248 @@
+"""The LoRA manager: known adapters, a CPU LRU cache of their weights, and the device slots.
+
+An adapter moves disk -> CPU cache (`max_cpu_loras`, least recently used evicted) -> device slot
+(`max_loras`). A slot whose adapter serves a running sequence, or is pinned, is never taken;
+otherwise the least recently used slot is reused. Every wrapped linear holds the slots' stacked
+weights; activating an adapter copies its CPU tensors into one slot of each.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ConfigError, InvalidLoRAAdapterError, LoRAAdapterNotFoundError, LoRAError
+from ..kernels import LoRABatchMapping
+from ..models import CausalLM
+from .adapter import LoRAAdapter, ModuleKey, load_adapter
+from .layers import LoRALinear, LoRAStepState
+from .request import LoRARequest
+
+_WRAPPED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+@dataclass
+class AdapterStats:
+    requests: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    loads: int = 0  # disk -> CPU
+    load_seconds: float = 0.0
+    activations: int = 0  # CPU -> device slot
+    cache_hits: int = 0  # found in a slot or the CPU cache when a request needed it
+    cache_misses: int = 0
+    evictions: int = 0
+
+
+@dataclass
+class LoRAManagerConfig:
+    max_loras: int
+    max_lora_rank: int
+    max_cpu_loras: int
+    served_names: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ConfigError(f"max_loras must be >= 1; got {self.max_loras}")
+        if self.max_lora_rank < 1:
+            raise ConfigError(f"max_lora_rank must be >= 1; got {self.max_lora_rank}")
+        if self.max_cpu_loras < self.max_loras:
+            raise ConfigError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+
+
+class LoRAManager:
+    def __init__(self, model: CausalLM, config: LoRAManagerConfig) -> None:
+        self.config = config
+        self.model = model
+        self.dtype = model.embed_tokens.weight.dtype
+        self.state = LoRAStepState()
+        self.layers: dict[ModuleKey, LoRALinear] = {}
+        for index, layer in enumerate(model.layers):
+            for name in _WRAPPED:
+                wrapped = LoRALinear(getattr(layer, name), config.max_loras, config.max_lora_rank, self.state)
+                setattr(layer, name, wrapped)
+                self.layers[(index, name)] = wrapped
+        self.registered: dict[str, LoRARequest] = {}
+        self.cpu_cache: OrderedDict[str, LoRAAdapter] = OrderedDict()
+        self.slots: list[str | None] = [None] * config.max_loras
+        self._slot_clock = [0] * config.max_loras  # last use, for LRU among idle slots
+        self._clock = itertools.count(1)
+        self.in_use: Counter[str] = Counter()
+        self.pinned: set[str] = set()
+        self.stats: dict[str, AdapterStats] = {}
+
+    # ---- registration (disk -> CPU) -------------------------------------------------------------
+
+    def add_lora(self, request: LoRARequest) -> bool:
+        """Register and load an adapter (validated now); False if it was already registered."""
+        known = self.registered.get(request.lora_name)
+        if known is not None:
+            if known.lora_path != request.lora_path or known.lora_int_id != request.lora_int_id:
+                raise InvalidLoRAAdapterError(
+                    f"LoRA adapter name {request.lora_name!r} is already registered with path {known.lora_path!r} "
+                    f"and id {known.lora_int_id}; give the new adapter another name, or remove the old one first"
+                )
+            self._ensure_cpu(request.lora_name)
+            return False
+        for other in self.registered.values():
+            if other.lora_int_id == request.lora_int_id:
+                raise InvalidLoRAAdapterError(
+                    f"LoRA id {request.lora_int_id} of adapter {request.lora_name!r} is already used by adapter "
+                    f"{other.lora_name!r}; give each adapter its own lora_int_id"
+                )
+        self._check_base_model_name(request)
+        adapter = self._load(request)
+        self.registered[request.lora_name] = request
+        self._cache_put(adapter)
+        return True
+
+    def remove_lora(self, name_or_id: str | int) -> bool:
+        """Forget an adapter and free its CPU and device memory; refused while requests use it."""
+        name = self._name_of(name_or_id)
+        if name is None:
+            return False
+        if self.in_use[name]:
+            raise LoRAError(
+                f"LoRA adapter {name!r} is in use by {self.in_use[name]} running sequence(s); "
+                "abort them or wait for them to finish before removing it"
+            )
+        self.registered.pop(name)
+        self.cpu_cache.pop(name, None)
+        self.pinned.discard(name)
+        if name in self.slots:
+            slot = self.slots.index(name)
+            for layer in self.layers.values():
+                layer.clear_slot(slot)
+            self.slots[slot] = None
+        return True
+
+    def pin_lora(self, name_or_id: str | int) -> bool:
+        """Keep an adapter in a device slot (and the CPU cache) until it is removed."""
+        name = self._name_of(name_or_id)
+        if name is None:
+            raise LoRAAdapterNotFoundError(f"cannot pin LoRA adapter {name_or_id!r}: it is not registered; add it first")
+        if name in self.pinned:
+            return True
+        if len(self.pinned) + 1 >= self.config.max_loras:
+            raise LoRAError(
+                f"pinning LoRA adapter {name!r} would leave no device slot for other adapters "
+                f"(max_loras={self.config.max_loras}, pinned: {sorted(self.pinned)}); raise max_loras"
+            )
+        if self._activate(name) is None:
+            raise LoRAError(f"cannot pin LoRA adapter {name!r} now: every device slot is busy; retry when a request finishes")
+        self.pinned.add(name)
+        return True
+
+    def list_loras(self) -> set[int]:
+        return {request.lora_int_id for request in self.registered.values()}
+
+    def _name_of(self, name_or_id: str | int) -> str | None:
+        if isinstance(name_or_id, str):
+            return name_or_id if name_or_id in self.registered else None
+        return next((n for n, r in self.registered.items() if r.lora_int_id == name_or_id), None)
+
+    def _check_base_model_name(self, request: LoRARequest) -> None:
+        names = self.config.served_names
+        if request.base_model_name and names and request.base_model_name not in names:
+            raise InvalidLoRAAdapterError(
+                f"LoRA adapter {request.lora_name!r} names base model {request.base_model_name!r}, but this engine "
+                f"serves {sorted(names)}; use an adapter for the served model"
+            )
+
+    def _load(self, request: LoRARequest) -> LoRAAdapter:
+        start = time.perf_counter()
+        adapter = load_adapter(request.lora_path, request.lora_name, self.model, self.config.max_lora_rank,
+                               self.dtype, self.config.served_names)
+        stats = self.stats.setdefault(request.lora_name, AdapterStats())
+        stats.loads += 1
+        stats.load_seconds += time.perf_counter() - start
+        return adapter
+
+    def _ensure_cpu(self, name: str) -> LoRAAdapter:
+        adapter = self.cpu_cache.get(name)
+        if adapter is None:
+            adapter = self._load(self.registered[name])
+            self._cache_put(adapter)
+        else:
+            self.cpu_cache.move_to_end(name)
+        return adapter
+
+    def _cache_put(self, adapter: LoRAAdapter) -> None:
+        self.cpu_cache[adapter.name] = adapter
+        self.cpu_cache.move_to_end(adapter.name)
+        while len(self.cpu_cache) > self.config.max_cpu_loras:
+            victim = next((n for n in self.cpu_cache if n not in self.pinned and n != adapter.name), None)
+            if victim is None:
+                break
+            self.cpu_cache.pop(victim)
+            self.stats.setdefault(victim, AdapterStats()).evictions += 1
+
+    # ---- device slots (CPU -> device) -------------------------------------------------------------
+
+    def slot_of(self, name: str | None) -> int:
+        """The device slot serving `name` (-1 for the base model)."""
+        return -1 if name is None else self.slots.index(name)
+
+    def acquire(self, name: str) -> bool:
+        """Make `name` resident in a slot for a sequence about to run; False if no slot can be had."""
+        stats = self.stats.setdefault(name, AdapterStats())
+        resident = name in self.slots
+        if self._activate(name) is None:
+            return False
+        if resident:
+            stats.cache_hits += 1
+        self.in_use[name] += 1
+        return True
+
+    def release(self, name: str) -> None:
+        if self.in_use[name] > 0:
+            self.in_use[name] -= 1
+
+    def _activate(self, name: str) -> int | None:
+        if name in self.slots:
+            slot = self.slots.index(name)
+        else:
+            slot = self._free_slot()
+            if slot is None:
+                return None
+            stats = self.stats.setdefault(name, AdapterStats())
+            if name in self.cpu_cache:
+                stats.cache_hits += 1
+            else:
+                stats.cache_misses += 1
+            adapter = self._ensure_cpu(name)
+            previous = self.slots[slot]
+            if previous is not None:
+                self.stats.setdefault(previous, AdapterStats()).evictions += 1
+            for key, layer in self.layers.items():
+                slices = adapter.weights.get(key)
+                if slices is None:
+                    layer.clear_slot(slot)
+                else:
+                    layer.set_slot(slot, slices)
+            self.slots[slot] = name
+            stats.activations += 1
+        self._slot_clock[slot] = next(self._clock)
+        return slot
+
+    def _free_slot(self) -> int | None:
+        """An empty slot, else the least recently used slot nobody runs on and nobody pinned."""
+        if None in self.slots:
+            return self.slots.index(None)
+        idle = [s for s, n in enumerate(self.slots) if not self.in_use[n] and n not in self.pinned]
+        return min(idle, key=lambda s: self._slot_clock[s]) if idle else None
+
+    # ---- per step ---------------------------------------------------------------------------------
+
+    def set_step(self, token_slots: list[int], device: torch.device) -> None:
+        """Publish the step's token -> slot mapping to every wrapped linear."""
+        if any(slot >= 0 for slot in token_slots):
+            self.state.mapping = LoRABatchMapping.from_token_slots(
+                torch.tensor(token_slots, dtype=torch.int32), self.config.max_loras, device=device
+            )
+        else:
+            self.state.mapping = None
