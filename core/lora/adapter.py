@@ -9,36 +9,33 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidLoRAAdapterError, LoRAAdapterNotFoundError
-from ..models import CausalLM
 from ..models.weight_map import PACKED_MODULES
 from .peft_config import AdapterConfig
+from .slot_layout import ModuleKey, SlotLayout
 
 # base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight (an adapter name may follow lora_A)
 _WEIGHT = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.((?:self_attn|mlp)\.\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 
-ModuleKey = tuple[int, str]  # (layer index, packed module name such as "qkv_proj")
-
-
 @dataclass
 class LoRAAdapter:
-    """An adapter's weights on the CPU, ready to copy into a device slot.
+    """An adapter's weights on the CPU as one flat slot image (see slot_layout), ready to copy.
 
-    `weights[(layer, module)][slice] = (A [r, in], B [out, r])`, with the LoRA scaling already
-    folded into B.
+    The LoRA scaling is already folded into B. `modules` lists the (layer, module) pairs it targets.
     """
 
     name: str
     path: str
     rank: int
-    weights: dict[ModuleKey, dict[int, tuple[torch.Tensor, torch.Tensor]]]
+    image: torch.Tensor  # [layout.numel]
+    modules: frozenset[ModuleKey]
 
     @property
     def num_bytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for slices in self.weights.values() for a, b in slices.values())
+        return self.image.nbytes
 
 
 def load_adapter(
-    path: str | Path, name: str, model: CausalLM, max_lora_rank: int, dtype: torch.dtype, served_names: set[str]
+    path: str | Path, name: str, layout: SlotLayout, dtype: torch.dtype, served_names: set[str], pin_memory: bool = False
 ) -> LoRAAdapter:
     """Read, check and scale an adapter; every refusal names the adapter, the reason and the fix."""
     path = Path(path)
@@ -47,29 +44,33 @@ def load_adapter(
     config = AdapterConfig.from_dir(path, name)
     _check_base_model(config, name, served_names)
     pairs = _read_pairs(path, name)
-    weights: dict[ModuleKey, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
-    max_rank = 0
+    image = torch.zeros(layout.numel, dtype=dtype, pin_memory=pin_memory)  # [numel]
+    max_rank = layout.max_rank
+    num_layers = 1 + max(layer for layer, _ in layout.modules)
+    targeted: set[ModuleKey] = set()
+    rank_seen = 0
     for (layer_index, module_name), (a, b) in sorted(pairs.items()):
         full_name = f"model.layers.{layer_index}.{module_name}"
-        if module_name not in PACKED_MODULES or layer_index >= len(model.layers):
+        packed, slice_index = PACKED_MODULES.get(module_name, ("", 0))
+        key = (layer_index, packed)
+        if key not in layout.modules:
             raise InvalidLoRAAdapterError(
                 f"LoRA adapter {name!r}: it targets {full_name!r}, a module the served model does not have "
-                f"(layers: {len(model.layers)}; LoRA-capable modules: {', '.join(PACKED_MODULES)}); use an adapter trained for this model"
+                f"(layers: {num_layers}; LoRA-capable modules: {', '.join(PACKED_MODULES)}); use an adapter trained for this model"
             )
-        packed, slice_index = PACKED_MODULES[module_name]
-        linear = getattr(model.layers[layer_index], packed)
-        linear = getattr(linear, "base", linear)
-        rank = a.shape[0]
-        expected_a = (rank, linear.in_features)
-        expected_b = (linear.output_sizes[slice_index], rank)
+        module = layout.modules[key]
+        rank = a.shape[0] if a.dim() == 2 else -1
+        out_rows = module.slice_offsets[slice_index + 1] - module.slice_offsets[slice_index]
+        expected_a = (rank, module.a_shape[1])
+        expected_b = (out_rows, rank)
         if a.dim() != 2 or b.dim() != 2 or tuple(a.shape) != expected_a or tuple(b.shape) != expected_b:
             raise InvalidLoRAAdapterError(
                 f"LoRA adapter {name!r}: weights of {full_name!r} have shapes A {tuple(a.shape)}, B {tuple(b.shape)} but "
                 f"the served model needs A {expected_a}, B {expected_b}; the adapter was trained for a different base model"
             )
-        if rank > max_lora_rank:
+        if rank > max_rank:
             raise InvalidLoRAAdapterError(
-                f"LoRA adapter {name!r}: rank {rank} of {full_name!r} exceeds max_lora_rank={max_lora_rank}; "
+                f"LoRA adapter {name!r}: rank {rank} of {full_name!r} exceeds max_lora_rank={max_rank}; "
                 f"start the engine with max_lora_rank >= {rank}"
             )
         configured_rank, _ = config.rank_and_alpha(full_name)
@@ -78,12 +79,13 @@ def load_adapter(
                 f"LoRA adapter {name!r}: {full_name!r} has rank {rank} in its weights but {configured_rank} in "
                 "adapter_config.json (r / rank_pattern); the files do not belong together"
             )
-        scaled_b = (b.float() * config.scaling(full_name)).to(dtype)  # [out, r]
-        weights.setdefault((layer_index, packed), {})[slice_index] = (a.to(dtype).contiguous(), scaled_b.contiguous())
-        max_rank = max(max_rank, rank)
-    if not weights:
+        scaled_b = b.float() * config.scaling(full_name)  # [out, r]
+        layout.write(image, key, slice_index, a, scaled_b)
+        targeted.add(key)
+        rank_seen = max(rank_seen, rank)
+    if not targeted:
         raise InvalidLoRAAdapterError(f"LoRA adapter {name!r}: {str(path)!r} holds no LoRA weights for any layer of the served model")
-    return LoRAAdapter(name, str(path), max_rank, weights)
+    return LoRAAdapter(name, str(path), rank_seen, image, frozenset(targeted))
 
 
 def _read_pairs(path: Path, name: str) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:

@@ -3,7 +3,8 @@
 An adapter moves disk -> CPU cache (`max_cpu_loras`, least recently used evicted) -> device slot
 (`max_loras`). A slot whose adapter serves a running sequence, or is pinned, is never taken;
 otherwise the least recently used slot is reused. Every wrapped linear holds the slots' stacked
-weights; activating an adapter copies its CPU tensors into one slot of each.
+weights as views of one flat buffer per slot, and an adapter waits in the CPU cache as a flat
+image of that buffer, so activating it is one copy (see slot_layout).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import torch
 from ..errors import ConfigError, InvalidLoRAAdapterError, LoRAAdapterNotFoundError, LoRAError
 from ..kernels import LoRABatchMapping
 from ..models import CausalLM
-from .adapter import LoRAAdapter, ModuleKey, load_adapter
+from .adapter import LoRAAdapter, load_adapter
 from .layers import LoRALinear, LoRAStepState
 from .request import LoRARequest
+from .slot_layout import ModuleKey, SlotLayout
 
 _WRAPPED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
@@ -58,14 +60,21 @@ class LoRAManager:
     def __init__(self, model: CausalLM, config: LoRAManagerConfig) -> None:
         self.config = config
         self.model = model
-        self.dtype = model.embed_tokens.weight.dtype
+        weight = model.embed_tokens.weight
+        self.dtype, self.device = weight.dtype, weight.device
         self.state = LoRAStepState()
+        self.layout = SlotLayout(
+            {(i, name): (getattr(layer, name).in_features, getattr(layer, name).output_sizes)
+             for i, layer in enumerate(model.layers) for name in _WRAPPED},
+            config.max_lora_rank,
+        )
+        self.storage = torch.zeros(config.max_loras, self.layout.numel, dtype=self.dtype, device=self.device)  # [S, numel]
         self.layers: dict[ModuleKey, LoRALinear] = {}
-        for index, layer in enumerate(model.layers):
-            for name in _WRAPPED:
-                wrapped = LoRALinear(getattr(layer, name), config.max_loras, config.max_lora_rank, self.state)
-                setattr(layer, name, wrapped)
-                self.layers[(index, name)] = wrapped
+        for (index, name) in self.layout.modules:
+            layer = model.layers[index]
+            wrapped = LoRALinear(getattr(layer, name), *self.layout.views(self.storage, (index, name)), self.state)
+            setattr(layer, name, wrapped)
+            self.layers[(index, name)] = wrapped
         self.registered: dict[str, LoRARequest] = {}
         self.cpu_cache: OrderedDict[str, LoRAAdapter] = OrderedDict()
         self.slots: list[str | None] = [None] * config.max_loras
@@ -115,8 +124,7 @@ class LoRAManager:
         self.pinned.discard(name)
         if name in self.slots:
             slot = self.slots.index(name)
-            for layer in self.layers.values():
-                layer.clear_slot(slot)
+            self.storage[slot].zero_()
             self.slots[slot] = None
         return True
 
@@ -155,8 +163,8 @@ class LoRAManager:
 
     def _load(self, request: LoRARequest) -> LoRAAdapter:
         start = time.perf_counter()
-        adapter = load_adapter(request.lora_path, request.lora_name, self.model, self.config.max_lora_rank,
-                               self.dtype, self.config.served_names)
+        adapter = load_adapter(request.lora_path, request.lora_name, self.layout, self.dtype,
+                               self.config.served_names, pin_memory=self.device.type == "cuda")
         stats = self.stats.setdefault(request.lora_name, AdapterStats())
         stats.loads += 1
         stats.load_seconds += time.perf_counter() - start
@@ -198,6 +206,15 @@ class LoRAManager:
         self.in_use[name] += 1
         return True
 
+    def activate(self, name: str) -> int:
+        """Copy a registered adapter into a device slot now (e.g. to warm it up); its slot."""
+        if name not in self.registered:
+            raise LoRAAdapterNotFoundError(f"LoRA adapter {name!r} is not registered; add it first")
+        slot = self._activate(name)
+        if slot is None:
+            raise LoRAError(f"cannot activate LoRA adapter {name!r} now: every device slot is busy or pinned")
+        return slot
+
     def release(self, name: str) -> None:
         if self.in_use[name] > 0:
             self.in_use[name] -= 1
@@ -218,12 +235,7 @@ class LoRAManager:
             previous = self.slots[slot]
             if previous is not None:
                 self.stats.setdefault(previous, AdapterStats()).evictions += 1
-            for key, layer in self.layers.items():
-                slices = adapter.weights.get(key)
-                if slices is None:
-                    layer.clear_slot(slot)
-                else:
-                    layer.set_slot(slot, slices)
+            self.storage[slot].copy_(adapter.image, non_blocking=True)
             self.slots[slot] = name
             stats.activations += 1
         self._slot_clock[slot] = next(self._clock)

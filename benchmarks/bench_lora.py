@@ -1,0 +1,121 @@
+"""Multi-LoRA throughput and adapter activation on the embedded model (CPU, fp32), in one run.
+
+Measures, with the same prompts and `--new-tokens` greedy tokens each:
+  PEFT mixed batch (`generate(adapter_names=...)`), 16 prompts over 8 rank-16 all-linear adapters
+  loraplex, the same 16 prompts over the same 8 adapters
+  loraplex base-only and with 1 adapter (16 prompts)
+  loraplex 64 prompts over 64 distinct adapters, and 64 prompts on 1 adapter
+and the time to make an adapter ready: disk -> device slot, and CPU cache -> device slot.
+Run: `python benchmarks/bench_lora.py` (adapters are written once under --workdir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from make_adapters import make_adapters
+from prompts import benchmark_prompts
+
+
+def peft_mixed(base_dir: str, adapters: list[Path], prompts: list[str], new_tokens: int) -> float:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name="a0")
+    for i, path in enumerate(adapters[1:], start=1):
+        model.load_adapter(str(path), adapter_name=f"a{i}")
+    model.eval()
+    names = [f"a{i % len(adapters)}" for i in range(len(prompts))]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    kwargs = dict(do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id, adapter_names=names)
+    with torch.inference_mode():
+        model.generate(**enc, max_new_tokens=2, min_new_tokens=2, **kwargs)
+        start = time.perf_counter()
+        model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        elapsed = time.perf_counter() - start
+    return len(prompts) * new_tokens / elapsed
+
+
+def loraplex_run(llm, prompts: list[str], loras: list, new_tokens: int) -> float:
+    from loraplex import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, min_tokens=new_tokens)
+    llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=2), lora_request=loras[:2], use_tqdm=False)
+    start = time.perf_counter()
+    llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+    return len(prompts) * new_tokens / (time.perf_counter() - start)
+
+
+def activation_times(llm, adapters: list[Path], repeats: int) -> tuple[float, float]:
+    """Median ms for disk -> slot (fresh adapter) and CPU cache -> slot."""
+    from loraplex import LoRARequest
+
+    manager = llm.llm_engine.lora_manager
+    disk, cpu = [], []
+    for i in range(repeats):
+        name = f"activation-{i}"
+        request = LoRARequest(name, 10_000 + i, str(adapters[i % len(adapters)]))
+        start = time.perf_counter()
+        manager.add_lora(request)
+        manager.activate(name)
+        disk.append(time.perf_counter() - start)
+        slot = manager.slot_of(name)
+        manager.storage[slot].zero_()  # empty the slot so the next activation copies again
+        manager.slots[slot] = None
+        start = time.perf_counter()
+        manager.activate(name)
+        cpu.append(time.perf_counter() - start)
+        manager.remove_lora(name)
+    return statistics.median(disk) * 1e3, statistics.median(cpu) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/loraplex-bench-adapters"))
+    parser.add_argument("--skip-peft", action="store_true")
+    args = parser.parse_args()
+
+    from loraplex import LLM, LoRARequest
+    from loraplex.model_loader import embedded_model_dir
+
+    base_dir = str(embedded_model_dir())
+    adapters = make_adapters(base_dir, args.workdir, 64)
+    requests = [LoRARequest(f"bench-{i}", i + 1, str(p)) for i, p in enumerate(adapters)]
+    p16, p64 = benchmark_prompts(16), benchmark_prompts(64)
+    n = args.new_tokens
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {n} new tokens per prompt; rank-16 all-linear adapters")
+    results: dict[str, float] = {}
+    if not args.skip_peft:
+        results["peft mixed 16 prompts / 8 adapters"] = peft_mixed(base_dir, adapters[:8], p16, n)
+    llm = LLM(base_dir, device="cpu", enable_lora=True, max_loras=64, max_lora_rank=16, max_cpu_loras=64)
+    results["loraplex mixed 16 prompts / 8 adapters"] = loraplex_run(llm, p16, [requests[i % 8] for i in range(16)], n)
+    results["loraplex base only, 16 prompts"] = loraplex_run(llm, p16, [None] * 16, n)
+    results["loraplex 1 adapter, 16 prompts"] = loraplex_run(llm, p16, [requests[0]] * 16, n)
+    results["loraplex 64 prompts / 64 adapters"] = loraplex_run(llm, p64, requests, n)
+    results["loraplex 64 prompts / 1 adapter"] = loraplex_run(llm, p64, [requests[0]] * 64, n)
+    for name, tps in results.items():
+        print(f"{name:<42} {tps:8.1f} tok/s")
+
+    def ratio(a: str, b: str, target: float) -> None:
+        if a in results and b in results:
+            r = results[a] / results[b]
+            print(f"{a}  /  {b}: {r:.2f}x (target >= {target}x) {'ok' if r >= target else 'MISSED'}")
+
+    ratio("loraplex mixed 16 prompts / 8 adapters", "peft mixed 16 prompts / 8 adapters", 3.0)
+    ratio("loraplex mixed 16 prompts / 8 adapters", "loraplex base only, 16 prompts", 0.85)
+    ratio("loraplex 64 prompts / 64 adapters", "loraplex 64 prompts / 1 adapter", 0.8)
+    disk_ms, cpu_ms = activation_times(llm, adapters, repeats=8)
+    print(f"activation, disk -> slot: {disk_ms:.1f} ms (target < 50); CPU cache -> slot: {cpu_ms:.2f} ms (target < 5)")
+
+
+if __name__ == "__main__":
+    main()

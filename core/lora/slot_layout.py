@@ -1,0 +1,55 @@
+"""Where each wrapped linear's A and B live inside one flat buffer per device slot.
+
+Every slot is one contiguous row of `[S, numel]`; each LoRALinear views its part as
+`lora_a [S, n_slices * R, in]` and `lora_b [S, N, R]`. An adapter is kept on the CPU as one flat
+"slot image" in the same layout, so activating it is a single copy, whatever its shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ModuleKey = tuple[int, str]  # (layer index, packed module name such as "qkv_proj")
+
+
+@dataclass(frozen=True)
+class ModuleSlice:
+    a_offset: int
+    a_shape: tuple[int, int]  # (n_slices * R, in)
+    b_offset: int
+    b_shape: tuple[int, int]  # (N, R)
+    slice_offsets: tuple[int, ...]  # output rows of each slice within N
+
+
+class SlotLayout:
+    def __init__(self, modules: dict[ModuleKey, tuple[int, list[int]]], max_rank: int) -> None:
+        """`modules[key] = (in_features, output sizes of its slices)`."""
+        self.max_rank = max_rank
+        self.modules: dict[ModuleKey, ModuleSlice] = {}
+        offset = 0
+        for key, (in_features, output_sizes) in modules.items():
+            a_shape = (len(output_sizes) * max_rank, in_features)
+            b_shape = (sum(output_sizes), max_rank)
+            slice_offsets = tuple(sum(output_sizes[:i]) for i in range(len(output_sizes) + 1))
+            self.modules[key] = ModuleSlice(offset, a_shape, offset + a_shape[0] * a_shape[1], b_shape, slice_offsets)
+            offset += a_shape[0] * a_shape[1] + b_shape[0] * b_shape[1]
+        self.numel = offset
+
+    def views(self, storage: torch.Tensor, key: ModuleKey) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lora_a [S, nR, in], lora_b [S, N, R]) views of `storage` [S, numel] for one module."""
+        m = self.modules[key]
+        slots = storage.shape[0]
+        a = storage[:, m.a_offset : m.a_offset + m.a_shape[0] * m.a_shape[1]].view(slots, *m.a_shape)
+        b = storage[:, m.b_offset : m.b_offset + m.b_shape[0] * m.b_shape[1]].view(slots, *m.b_shape)
+        return a, b
+
+    def write(self, image: torch.Tensor, key: ModuleKey, slice_index: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Place one slice's A [r, in] and B [out, r] into a flat slot image [numel]."""
+        m = self.modules[key]
+        rank, r_max = a.shape[0], self.max_rank
+        image_a = image[m.a_offset : m.a_offset + m.a_shape[0] * m.a_shape[1]].view(*m.a_shape)
+        image_b = image[m.b_offset : m.b_offset + m.b_shape[0] * m.b_shape[1]].view(*m.b_shape)
+        image_a[slice_index * r_max : slice_index * r_max + rank].copy_(a)
+        image_b[m.slice_offsets[slice_index] : m.slice_offsets[slice_index + 1], :rank].copy_(b)
