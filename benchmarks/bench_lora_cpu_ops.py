@@ -3,8 +3,10 @@
 SmolLM2-135M: hidden 576, packed q/k/v out 576/192/192, gate/up 1536/1536, down 1536 -> 576,
 rank 16. Each formulation in `loraplex.kernels.torch_ops.FORMULATIONS` runs shrink then expand
 (what `lora_apply` does) for the three packed modules of one decoder layer; the script prints
-the median time per layer and per module, side by side, plus what `choose_formulation` picks.
-Every formulation's output is checked against the reference before it is timed.
+the median time per layer and per module, side by side, plus what `choose_formulation` picks
+and what the public `lora_apply` (checks and choice included) costs. Every formulation's output
+is checked against the reference before it is timed. A second table shows where "runs" stops
+beating "grouped" as runs of same-adapter tokens get shorter (the rule's threshold).
 
     .venv/bin/python benchmarks/bench_lora_cpu_ops.py [--dtype fp32|bf16] [--threads N]
 """
@@ -19,8 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
-from loraplex.kernels import reference, torch_ops
+from loraplex.kernels import lora_apply, reference, torch_ops
 from loraplex.kernels.mapping import LoRABatchMapping
 
 HIDDEN = 576
@@ -84,7 +85,7 @@ def median_seconds(fn: Callable[[], object], min_time: float = 0.3, repeats: int
 
 def run(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
-    names = list(torch_ops.FORMULATIONS)
+    names = [*torch_ops.FORMULATIONS, "lora_apply"]  # the last: the public call, checks included
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, dtype {dtype}, rank {RANK}")
     header = f"{'scenario':28s} {'module':8s} " + " ".join(f"{n:>11s}" for n in names) + "   default"
     print(header)
@@ -103,27 +104,58 @@ def run(dtype: torch.dtype) -> None:
             expected = _reference_apply(x, lora_a, lora_b, mapping, base, mod.slice_offsets)
             cells = []
             for name in names:
-                shrink_fn, expand_fn = torch_ops.FORMULATIONS[name]
-                y = torch.empty(t, n_slices * RANK, dtype=dtype)  # [T, nR]
-                out = base.clone()
-
-                def step() -> None:
-                    shrink_fn(x, lora_a, mapping, n_slices, y)
-                    expand_fn(y, lora_b, mapping, out, mod.slice_offsets)
-
-                out.copy_(base)
-                step()
+                step = _apply_step(name, x, lora_a, lora_b, mapping, base.clone(), mod.slice_offsets)
+                out = step()  # the first call's output is checked, the later ones timed
                 tol = 1e-3 if dtype == torch.float32 else 5e-2
                 torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
                 seconds = median_seconds(step)
                 totals[name] += seconds
                 cells.append(f"{seconds * 1e6:9.1f}us")
             print(f"{sc.name:28s} {mod.name:8s} " + " ".join(cells))
-        best = min(totals, key=totals.__getitem__)
+        best = min(torch_ops.FORMULATIONS, key=totals.__getitem__)
         cells = [f"{totals[n] * 1e6:9.1f}us" for n in names]
         chosen = torch_ops.choose_formulation(mapping)
         print(f"{sc.name:28s} {'layer':8s} " + " ".join(cells) + f"   {chosen} (fastest: {best})")
         print()
+
+
+def crossover(dtype: torch.dtype) -> None:
+    """"runs" against "grouped" as runs get shorter: where torch_ops.RUNS_MIN_MEAN_LEN comes from."""
+    print(f"runs vs grouped, one layer (qkv + gate_up + down), by mean run length; rule: runs from "
+          f"{torch_ops.RUNS_MIN_MEAN_LEN} tokens per run")
+    print(f"{'tokens':>6s} {'run len':>7s} {'adapters':>8s} {'runs':>11s} {'grouped':>11s}   default")
+    for tokens, run_len, adapters in [(512, 128, 4), (512, 64, 4), (512, 32, 4), (512, 16, 4), (64, 8, 8), (16, 2, 8)]:
+        slots = [(i // run_len) % adapters for i in range(tokens)]
+        mapping = LoRABatchMapping.from_token_slots(torch.tensor(slots), adapters)
+        totals = {}
+        for name in ("runs", "grouped"):
+            totals[name] = 0.0
+            for mod in MODULES:
+                n_slices, n_total = len(mod.slice_offsets) - 1, mod.slice_offsets[-1]
+                x = torch.randn(tokens, mod.in_features, dtype=dtype)  # [T, in]
+                lora_a = torch.randn(adapters, n_slices * RANK, mod.in_features, dtype=dtype)
+                lora_b = torch.randn(adapters, n_total, RANK, dtype=dtype)
+                out = torch.zeros(tokens, n_total, dtype=dtype)  # [T, N]
+                step = _apply_step(name, x, lora_a, lora_b, mapping, out, mod.slice_offsets)
+                totals[name] += median_seconds(step, min_time=0.15, repeats=5)
+        chosen = torch_ops.choose_formulation(mapping)
+        print(f"{tokens:6d} {run_len:7d} {adapters:8d} {totals['runs'] * 1e6:9.1f}us "
+              f"{totals['grouped'] * 1e6:9.1f}us   {chosen}")
+    print()
+
+
+def _apply_step(name, x, lora_a, lora_b, mapping, out, offsets) -> Callable[[], torch.Tensor]:
+    """shrink + expand into `out` with one formulation (each call adds the delta again)."""
+    if name == "lora_apply":
+        return lambda: lora_apply(x, lora_a, lora_b, mapping, out, offsets, backend="torch")
+    shrink_fn, expand_fn = torch_ops.FORMULATIONS[name]
+    y = torch.empty(x.shape[0], lora_a.shape[1], dtype=x.dtype)  # [T, nR]
+
+    def step() -> torch.Tensor:
+        shrink_fn(x, lora_a, mapping, len(offsets) - 1, y)
+        return expand_fn(y, lora_b, mapping, out, offsets)
+
+    return step
 
 
 def _reference_apply(x, lora_a, lora_b, mapping, base, offsets) -> torch.Tensor:
@@ -139,7 +171,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    run({"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    run(dtype)
+    if "grouped" in torch_ops.FORMULATIONS:
+        crossover(dtype)
 
 
 if __name__ == "__main__":

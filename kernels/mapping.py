@@ -1,0 +1,203 @@
+"""`LoRABatchMapping`: the per-step view of which token uses which adapter slot.
+
+Built once per forward from the batch's token slots and shared by every LoRA-wrapped linear of
+that forward (~200 of them), so the sorting, grouping and host<->device traffic happen once.
+
+Terms used across `loraplex.kernels`:
+
+- token slot: the device slot index of a token's adapter, or -1 for "base model only";
+- active token: a token whose slot is >= 0;
+- segment: the active tokens that share a slot, in the order of `sorted_token_ids`;
+- tile: up to `block_m` consecutive tokens of one segment (the unit of the segment form).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["LoRABatchMapping"]
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+@dataclass(frozen=True, eq=False)
+class LoRABatchMapping:
+    """Which slot each token of one step uses, grouped for the kernels.
+
+    Build it with `LoRABatchMapping.from_token_slots`; the fields are read-only. Device tensors
+    live on `device` (the activations' device); the `*_host` tuples are the same facts as Python
+    ints, for code that must size grids or loop over segments without a device sync.
+    """
+
+    num_tokens: int  # T, active or not
+    num_slots: int  # S, the number of device slots the stacked weights hold
+    device: torch.device
+    token_slots: torch.Tensor  # [T] int32, -1 = base only
+    sorted_token_ids: torch.Tensor  # [T_active] int32, active tokens grouped by slot (stable)
+    seg_indptr: torch.Tensor  # [A + 1] int32, segment s = sorted_token_ids[indptr[s]:indptr[s+1]]
+    seg_slots: torch.Tensor  # [A] int32, ascending slot of each segment
+    slot_indptr: torch.Tensor  # [S + 1] int32, slot s = sorted_token_ids[ptr[s]:ptr[s+1]] (maybe empty)
+    token_segment: torch.Tensor  # [T_active] int32, segment index of each sorted token
+    seg_indptr_host: tuple[int, ...]
+    seg_slots_host: tuple[int, ...]
+    max_segment_len: int
+    _slots_host: torch.Tensor = field(repr=False)  # [T] int64 on the CPU
+    # Tile tables per block size, made on first use (see `segment_tiles`).
+    _tiles: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_token_slots(
+        cls,
+        token_slots: torch.Tensor | Sequence[int],
+        num_slots: int,
+        *,
+        device: torch.device | str | None = None,
+    ) -> LoRABatchMapping:
+        """Group the tokens of one step by slot.
+
+        `token_slots` is `[T]` int32/int64 (or a list of ints); -1 means no LoRA for that
+        token. `num_slots` is the number of slots in the stacked weight buffers; every slot must
+        be in [-1, num_slots). `device` defaults to the device of `token_slots`. This reads the
+        slots on the host once (one device sync when they live on a GPU).
+        """
+        slots_cpu = _slots_to_host(token_slots)  # [T] int64
+        if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
+            raise ValueError(
+                f"LoRABatchMapping.from_token_slots: `num_slots` must be a positive int (the number "
+                f"of device slots, i.e. lora_a.shape[0]); got {num_slots!r}."
+            )
+        if device is None:
+            device = token_slots.device if isinstance(token_slots, torch.Tensor) else torch.device("cpu")
+        device = torch.device(device)
+        _check_slot_values(slots_cpu, num_slots)
+
+        num_tokens = slots_cpu.numel()
+        active_ids = torch.nonzero(slots_cpu >= 0).flatten()  # [T_active]
+        # Stable sort keeps the tokens of one slot in batch order (prefill rows stay contiguous).
+        sorted_slots, order = torch.sort(slots_cpu[active_ids], stable=True)  # [T_active] x2
+        sorted_ids = active_ids[order]  # [T_active]
+        seg_slots, seg_lens = torch.unique_consecutive(sorted_slots, return_counts=True)  # [A] x2
+        seg_indptr = torch.zeros(seg_slots.numel() + 1, dtype=torch.int64)  # [A + 1]
+        torch.cumsum(seg_lens, 0, out=seg_indptr[1:])
+        token_segment = torch.repeat_interleave(torch.arange(seg_slots.numel()), seg_lens)  # [T_active]
+        slot_indptr = torch.zeros(num_slots + 1, dtype=torch.int64)  # [S + 1]
+        torch.cumsum(torch.bincount(sorted_slots, minlength=num_slots), 0, out=slot_indptr[1:])
+
+        # One host->device copy for all int32 tables; the fields are views into it.
+        parts = [slots_cpu, sorted_ids, seg_indptr, seg_slots, slot_indptr, token_segment]
+        packed = torch.cat(parts).to(torch.int32).to(device)
+        views = list(torch.split(packed, [p.numel() for p in parts]))
+        na = seg_slots.numel()
+        return cls(
+            num_tokens=num_tokens,
+            num_slots=num_slots,
+            device=device,
+            token_slots=views[0],
+            sorted_token_ids=views[1],
+            seg_indptr=views[2],
+            seg_slots=views[3],
+            slot_indptr=views[4],
+            token_segment=views[5],
+            seg_indptr_host=tuple(seg_indptr.tolist()),
+            seg_slots_host=tuple(seg_slots.tolist()),
+            max_segment_len=int(seg_lens.max()) if na else 0,
+            _slots_host=slots_cpu,
+        )
+
+    @functools.cached_property
+    def runs_host(self) -> tuple[tuple[int, int, int], ...]:
+        """Maximal runs of consecutive tokens (batch order) sharing one active slot, as
+        (slot, start, end). Made on first use: only the torch path needs them."""
+        return _runs(self._slots_host)
+
+    @property
+    def any_active(self) -> bool:
+        """False when no token uses a LoRA: a layer can skip the LoRA path entirely."""
+        return bool(self.seg_slots_host)
+
+    @property
+    def num_active_tokens(self) -> int:
+        return self.seg_indptr_host[-1]
+
+    @property
+    def num_segments(self) -> int:
+        """The number of distinct active slots."""
+        return len(self.seg_slots_host)
+
+    @property
+    def max_slot(self) -> int:
+        """The highest slot in use, or -1 when none is."""
+        return self.seg_slots_host[-1] if self.seg_slots_host else -1
+
+    @property
+    def mean_segment_len(self) -> float:
+        return self.num_active_tokens / self.num_segments if self.seg_slots_host else 0.0
+
+    def segment_tiles(self, block_m: int) -> tuple[torch.Tensor, int]:
+        """Tiles of at most `block_m` tokens that never straddle two segments.
+
+        Returns `(tiles, n_tiles)` where `tiles` is `[n_tiles, 3]` int32 on `device`, each row
+        `(slot, start, end)` indexing `sorted_token_ids[start:end]`. Made on the host once per
+        block size and cached, so the kernels' grids are exact (no idle programs).
+        """
+        cached = self._tiles.get(block_m)
+        if cached is not None:
+            return cached
+        rows: list[tuple[int, int, int]] = []
+        for s, slot in enumerate(self.seg_slots_host):
+            start, end = self.seg_indptr_host[s], self.seg_indptr_host[s + 1]
+            rows.extend((slot, m, min(m + block_m, end)) for m in range(start, end, block_m))
+        tiles = torch.tensor(rows, dtype=torch.int32).reshape(-1, 3).to(self.device)  # [n_tiles, 3]
+        self._tiles[block_m] = (tiles, len(rows))
+        return tiles, len(rows)
+
+    def to(self, device: torch.device | str) -> LoRABatchMapping:
+        """The same mapping with its tensors on `device` (returns self when already there)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        return LoRABatchMapping.from_token_slots(self._slots_host, self.num_slots, device=device)
+
+
+def _slots_to_host(token_slots: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    if isinstance(token_slots, torch.Tensor):
+        if token_slots.dim() != 1 or token_slots.dtype not in _INDEX_DTYPES:
+            raise ValueError(
+                "LoRABatchMapping.from_token_slots: `token_slots` must be a 1-D int32 or int64 tensor "
+                f"[T]; got dtype {token_slots.dtype} with shape {list(token_slots.shape)}. "
+                "Pass one slot per token, e.g. torch.tensor(slots, dtype=torch.int32)."
+            )
+        return token_slots.detach().to("cpu", torch.int64)
+    try:
+        return torch.tensor(list(token_slots), dtype=torch.int64).reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(
+            "LoRABatchMapping.from_token_slots: `token_slots` must be a 1-D int tensor or a sequence "
+            f"of ints; got {type(token_slots).__name__} ({exc})."
+        ) from None
+
+
+def _runs(slots: torch.Tensor) -> tuple[tuple[int, int, int], ...]:
+    """(slot, start, end) of each maximal run of equal, active slots in batch order."""
+    if slots.numel() == 0:
+        return ()
+    starts = torch.nonzero(torch.diff(slots, prepend=slots[:1] - 1)).flatten()  # [n_runs]
+    ends = torch.cat([starts[1:], torch.tensor([slots.numel()])])  # [n_runs]
+    run_slots = slots[starts]  # [n_runs]
+    runs = zip(run_slots.tolist(), starts.tolist(), ends.tolist(), strict=True)
+    return tuple((s, b, e) for s, b, e in runs if s >= 0)
+
+
+def _check_slot_values(slots: torch.Tensor, num_slots: int) -> None:
+    bad = torch.nonzero((slots < -1) | (slots >= num_slots)).flatten()  # [n_bad]
+    if bad.numel():
+        i = int(bad[0])
+        raise ValueError(
+            f"LoRABatchMapping.from_token_slots: token {i} has slot {int(slots[i])}, outside "
+            f"[-1, {num_slots}) ({bad.numel()} token(s) out of range). Use -1 for tokens without "
+            f"LoRA and a slot below num_slots={num_slots} (the stacked weights' first dimension)."
+        )

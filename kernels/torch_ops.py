@@ -1,0 +1,240 @@
+"""Shrink and expand in plain torch: the CPU path (and any device without Triton).
+
+Several formulations are kept side by side because which one wins depends on the batch's
+shape; `benchmarks/bench_lora_cpu_ops.py` measures them and `docs/kernels.md` records the
+numbers behind the default rule in `choose_formulation`:
+
+- "grouped": `torch.nn.functional.grouped_mm` over the tokens sorted by slot, one group per
+  slot (empty groups for idle slots): no weight copies, no per-slot Python loop;
+- "runs": one in-place `mm` / `addmm_` per run of consecutive tokens sharing a slot (a prefill
+  request's tokens are contiguous), no gathers or copies at all;
+- "segments": gather the active tokens grouped by slot, one `mm` per (slot, slice), scatter back;
+- "gather_bmm": gather each token's A and B, then one `bmm` per slice (weights copied per token);
+- "dense": multiply by every active slot's A at once and keep each token's block (one GEMM,
+  A times more flops, no per-slot Python loop).
+
+Math runs in the inputs' dtype (torch's CPU GEMMs accumulate fp16/bf16 in fp32) and is cast to
+`out`'s dtype at the end. Arguments are assumed checked (see `loraplex.kernels.validation`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .mapping import LoRABatchMapping
+
+__all__ = ["shrink", "expand", "choose_formulation", "FORMULATIONS"]
+
+ShrinkFn = Callable[[torch.Tensor, torch.Tensor, LoRABatchMapping, int, torch.Tensor], torch.Tensor]
+ExpandFn = Callable[[torch.Tensor, torch.Tensor, LoRABatchMapping, torch.Tensor, Sequence[int]], torch.Tensor]
+
+
+
+def _grouped_mm_works_on_cpu() -> bool:
+    """Recent torch has `F.grouped_mm` with a CPU kernel; older torch falls back to "segments"."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    try:
+        F.grouped_mm(torch.ones(2, 4), torch.ones(2, 4, 4), offs=torch.tensor([1, 2], dtype=torch.int32))
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return True
+
+
+_HAS_GROUPED_MM = _grouped_mm_works_on_cpu()
+
+# From this many tokens per run on average, "runs" (views only, one op per run and slice) beats
+# "grouped" (gather + scatter, fixed op count); measured crossover between 32 and 64, see the docs.
+RUNS_MIN_MEAN_LEN = 64
+
+
+def choose_formulation(mapping: LoRABatchMapping) -> str:
+    """The formulation measured fastest on CPU for this batch's shape (see docs/kernels.md)."""
+    if mapping.num_active_tokens >= RUNS_MIN_MEAN_LEN * len(mapping.runs_host):
+        return "runs"
+    # grouped_mm on CUDA takes only bf16 on recent GPUs; this path serves CUDA only without Triton.
+    return "grouped" if _HAS_GROUPED_MM and mapping.device.type == "cpu" else "segments"
+
+
+def shrink(
+    x: torch.Tensor,  # [T, in]
+    lora_a: torch.Tensor,  # [S, n_slices * R, in]
+    mapping: LoRABatchMapping,
+    n_slices: int,
+    out: torch.Tensor,  # [T, n_slices * R]
+    formulation: str | None = None,
+) -> torch.Tensor:
+    if not mapping.any_active:
+        return out.zero_()
+    name = formulation or choose_formulation(mapping)
+    return FORMULATIONS[name][0](x, lora_a, mapping, n_slices, out)
+
+
+def expand(
+    y: torch.Tensor,  # [T, n_slices * R]
+    lora_b: torch.Tensor,  # [S, N_total, R]
+    mapping: LoRABatchMapping,
+    out: torch.Tensor,  # [T, N_total]
+    slice_offsets: Sequence[int],
+    formulation: str | None = None,
+) -> torch.Tensor:
+    if not mapping.any_active:
+        return out
+    name = formulation or choose_formulation(mapping)
+    return FORMULATIONS[name][1](y, lora_b, mapping, out, slice_offsets)
+
+
+def _slices(slice_offsets: Sequence[int], rank: int):
+    """(y column slice, out column slice) of each output slice."""
+    for i in range(len(slice_offsets) - 1):
+        yield slice(i * rank, (i + 1) * rank), slice(slice_offsets[i], slice_offsets[i + 1])
+
+
+def _scatter_rows(out: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, zero: bool) -> torch.Tensor:
+    """out[ids] = rows (zeroing the others first when `zero`); ids are distinct."""
+    if zero:
+        out.zero_()
+    out.index_put_((ids,), rows.to(out.dtype))
+    return out
+
+
+# --- grouped: one grouped GEMM over all slots -----------------------------------------------------
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    """grouped_mm's requirement: every non-unit stride and the data pointer 16-byte aligned."""
+    return all(
+        t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride() if st != 1)
+        for t in tensors
+    )
+
+
+def _shrink_grouped(x, lora_a, mapping, n_slices, out):
+    if not _aligned(lora_a) or lora_a.shape[2] * lora_a.element_size() % 16:
+        return _shrink_segments(x, lora_a, mapping, n_slices, out)  # odd in_features
+    ids = mapping.sorted_token_ids  # [Ta]
+    ends = mapping.slot_indptr[1:]  # [S] end of each slot's group in sorted order
+    ys = F.grouped_mm(x.index_select(0, ids), lora_a.transpose(1, 2), offs=ends)  # [Ta, nR]
+    return _scatter_rows(out, ids, ys, zero=True)
+
+
+def _expand_grouped(y, lora_b, mapping, out, slice_offsets):
+    if not _aligned(lora_b) or lora_b.shape[2] * out.element_size() % 16:
+        return _expand_segments(y, lora_b, mapping, out, slice_offsets)  # odd rank
+    ids = mapping.sorted_token_ids  # [Ta]
+    ends = mapping.slot_indptr[1:]  # [S]
+    ys = y.index_select(0, ids).to(out.dtype)  # [Ta, nR]
+    for y_cols, o_cols in _slices(slice_offsets, lora_b.shape[2]):
+        b = lora_b[:, o_cols].transpose(1, 2)  # [S, R, N_i] (a view)
+        out[:, o_cols].index_add_(0, ids, F.grouped_mm(ys[:, y_cols].contiguous(), b, offs=ends))
+    return out
+
+
+# --- runs: contiguous tokens of one slot, views only ----------------------------------------------
+
+
+def _shrink_runs(x, lora_a, mapping, n_slices, out):
+    if mapping.num_active_tokens < mapping.num_tokens:
+        out.zero_()
+    for slot, start, end in mapping.runs_host:
+        if out.dtype == x.dtype:
+            torch.mm(x[start:end], lora_a[slot].t(), out=out[start:end])  # [L, nR], in place
+        else:
+            out[start:end] = x[start:end] @ lora_a[slot].t()  # an fp32 y for half inputs
+    return out
+
+
+def _expand_runs(y, lora_b, mapping, out, slice_offsets):
+    for slot, start, end in mapping.runs_host:
+        for y_cols, o_cols in _slices(slice_offsets, lora_b.shape[2]):
+            yi = y[start:end, y_cols].to(out.dtype)  # [L, R]
+            out[start:end, o_cols].addmm_(yi, lora_b[slot, o_cols].t())  # [L, N_i]
+    return out
+
+
+# --- segments: gather grouped by slot, mm per (slot, slice), scatter ------------------------------
+
+
+def _shrink_segments(x, lora_a, mapping, n_slices, out):
+    ids = mapping.sorted_token_ids  # [Ta]
+    xs = x.index_select(0, ids)  # [Ta, in]
+    ys = torch.empty(ids.numel(), out.shape[1], dtype=x.dtype, device=x.device)  # [Ta, nR]
+    ptr = mapping.seg_indptr_host
+    for s, slot in enumerate(mapping.seg_slots_host):
+        torch.mm(xs[ptr[s] : ptr[s + 1]], lora_a[slot].t(), out=ys[ptr[s] : ptr[s + 1]])
+    return _scatter_rows(out, ids, ys, zero=True)
+
+
+def _expand_segments(y, lora_b, mapping, out, slice_offsets):
+    ids = mapping.sorted_token_ids  # [Ta]
+    ys = y.index_select(0, ids).to(out.dtype)  # [Ta, nR]
+    delta = torch.empty(ids.numel(), out.shape[1], dtype=out.dtype, device=out.device)  # [Ta, N]
+    ptr = mapping.seg_indptr_host
+    for s, slot in enumerate(mapping.seg_slots_host):
+        rows = slice(ptr[s], ptr[s + 1])
+        for y_cols, o_cols in _slices(slice_offsets, lora_b.shape[2]):
+            torch.mm(ys[rows, y_cols], lora_b[slot, o_cols].t(), out=delta[rows, o_cols])
+    out.index_add_(0, ids, delta)
+    return out
+
+
+# --- gather_bmm: per-token weights ----------------------------------------------------------------
+
+
+def _shrink_gather_bmm(x, lora_a, mapping, n_slices, out):
+    ids = mapping.sorted_token_ids  # [Ta]
+    slots = mapping.token_slots.index_select(0, ids)  # [Ta]
+    a = lora_a.index_select(0, slots)  # [Ta, nR, in]
+    ys = torch.bmm(a, x.index_select(0, ids).unsqueeze(2)).squeeze(2)  # [Ta, nR]
+    return _scatter_rows(out, ids, ys, zero=True)
+
+
+def _expand_gather_bmm(y, lora_b, mapping, out, slice_offsets):
+    ids = mapping.sorted_token_ids  # [Ta]
+    slots = mapping.token_slots.index_select(0, ids)  # [Ta]
+    b = lora_b.index_select(0, slots)  # [Ta, N, R]
+    ys = y.index_select(0, ids).to(out.dtype)  # [Ta, nR]
+    for y_cols, o_cols in _slices(slice_offsets, lora_b.shape[2]):
+        delta = torch.bmm(b[:, o_cols], ys[:, y_cols].unsqueeze(2)).squeeze(2)  # [Ta, N_i]
+        out[:, o_cols].index_add_(0, ids, delta)
+    return out
+
+
+# --- dense: all active slots at once, keep each token's block -------------------------------------
+
+
+def _shrink_dense(x, lora_a, mapping, n_slices, out):
+    ids = mapping.sorted_token_ids  # [Ta]
+    n_r = lora_a.shape[1]
+    a = lora_a.index_select(0, mapping.seg_slots).reshape(-1, lora_a.shape[2])  # [A*nR, in]
+    y_all = (x.index_select(0, ids) @ a.t()).view(ids.numel(), -1, n_r)  # [Ta, A, nR]
+    ys = y_all[torch.arange(ids.numel(), device=x.device), mapping.token_segment]  # [Ta, nR]
+    return _scatter_rows(out, ids, ys, zero=True)
+
+
+def _expand_dense(y, lora_b, mapping, out, slice_offsets):
+    ids = mapping.sorted_token_ids  # [Ta]
+    rank = lora_b.shape[2]
+    n_seg = mapping.num_segments
+    rows = torch.arange(ids.numel(), device=out.device)  # [Ta]
+    ys = y.index_select(0, ids).to(out.dtype)  # [Ta, nR]
+    b = lora_b.index_select(0, mapping.seg_slots)  # [A, N, R]
+    for y_cols, o_cols in _slices(slice_offsets, rank):
+        y_blk = ys.new_zeros(ids.numel(), n_seg, rank)  # [Ta, A, R]
+        y_blk[rows, mapping.token_segment] = ys[:, y_cols]
+        b_cat = b[:, o_cols].permute(1, 0, 2).reshape(-1, n_seg * rank)  # [N_i, A*R]
+        out[:, o_cols].index_add_(0, ids, y_blk.view(ids.numel(), -1) @ b_cat.t())  # [Ta, N_i]
+    return out
+
+
+FORMULATIONS: dict[str, tuple[ShrinkFn, ExpandFn]] = {
+    "segments": (_shrink_segments, _expand_segments),
+    "runs": (_shrink_runs, _expand_runs),
+    "gather_bmm": (_shrink_gather_bmm, _expand_gather_bmm),
+    "dense": (_shrink_dense, _expand_dense),
+}
+if _HAS_GROUPED_MM:
+    FORMULATIONS["grouped"] = (_shrink_grouped, _expand_grouped)

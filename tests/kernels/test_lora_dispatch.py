@@ -1,0 +1,137 @@
+"""Public operations and backend choice (mirrors loraplex/kernels/dispatch.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lora_cases import assert_close, inactive_rows, make_case, reference_expand, reference_shrink
+from loraplex.kernels import (
+    LoRABatchMapping,
+    dispatch,
+    get_backend,
+    lora_apply,
+    lora_expand,
+    lora_shrink,
+    resolve_backend,
+    set_backend,
+    torch_ops,
+    use_backend,
+)
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _automatic_backend():
+    set_backend(None)
+    yield
+    set_backend(None)
+
+
+def test_automatic_choice_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_backend(CPU) == "torch"
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    assert resolve_backend(CUDA) == "triton"
+    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
+    assert resolve_backend(CUDA) == "torch"
+
+
+def test_argument_beats_process_choice_which_beats_automatic() -> None:
+    set_backend("reference")
+    assert get_backend() == "reference" and resolve_backend(CPU) == "reference"
+    assert resolve_backend(CPU, "torch") == "torch"
+    set_backend(None)
+    assert get_backend() is None and resolve_backend(CPU) == "torch"
+
+
+def test_use_backend_restores_even_on_error() -> None:
+    set_backend("torch")
+    with pytest.raises(RuntimeError), use_backend("reference"):
+        assert resolve_backend(CPU) == "reference"
+        raise RuntimeError("boom")
+    assert get_backend() == "torch"
+
+
+def test_unknown_backend_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"set_backend: `backend` must be one of 'reference', 'torch', 'triton'"):
+        set_backend("cuda")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="got 'tritn'"):
+        lora_shrink(torch.zeros(1, 4), torch.zeros(1, 2, 4), torch.zeros(1, dtype=torch.int32), 1, backend="tritn")  # type: ignore[arg-type]
+
+
+def test_triton_without_triton_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dispatch, "_triton_import", lambda: (None, "ImportError: No module named 'triton'"))
+    with pytest.raises(ValueError, match=r"does not import \(ImportError: No module.*pip install 'loraplex\[triton\]'"):
+        resolve_backend(CUDA, "triton")
+
+
+def test_triton_on_cpu_needs_the_interpreter(triton_ops, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(triton_ops, "INTERPRETED", False)
+    with pytest.raises(ValueError, match=r"needs CUDA tensors; got tensors on cpu.*TRITON_INTERPRET=1"):
+        resolve_backend(CPU, "triton")
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_apply_shrink_expand_agree_with_reference(request, backend: str, dtype: torch.dtype) -> None:
+    device = "cpu"
+    if backend == "triton":
+        request.getfixturevalue("triton_ops")
+        device = request.getfixturevalue("kernel_device")
+    case = make_case(9, 40, 8, 3, (16, 8, 8), dtype=dtype, slots="decode", device=device)
+    y_ref = reference_shrink(case)
+    out_ref = reference_expand(case, y_ref)
+    mapping = case.mapping()
+
+    y = lora_shrink(case.x, case.lora_a, case.token_slots, 3, backend=backend)  # mapping built inside
+    assert y.dtype == dtype and y.shape == (9, 24)
+    assert_close(y, y_ref)
+    out = lora_expand(y_ref, case.lora_b, None, case.base.clone(), case.offsets, mapping=mapping, backend=backend)
+    assert_close(out, out_ref)
+    out = lora_apply(case.x, case.lora_a, case.lora_b, mapping, case.base.clone(), list(case.offsets), backend=backend)
+    assert_close(out, out_ref)
+    assert torch.equal(out[inactive_rows(case)], case.base[inactive_rows(case)])
+
+
+def test_one_mapping_serves_modules_of_different_shapes() -> None:
+    slots = [0, 2, -1, 1, 2]
+    qkv = make_case(5, 24, 4, 3, (24, 8, 8), slots=slots, seed=1)
+    down = make_case(5, 48, 4, 3, (24,), slots=slots, seed=2)
+    mapping = LoRABatchMapping.from_token_slots(torch.tensor(slots), num_slots=3)
+    for case in (qkv, down):
+        out = lora_apply(case.x, case.lora_a, case.lora_b, mapping, case.base.clone(), case.offsets)
+        assert_close(out, reference_expand(case, reference_shrink(case)))
+
+
+def test_skips_all_work_when_no_token_uses_lora(monkeypatch: pytest.MonkeyPatch) -> None:
+    def forbidden(*args, **kwargs):
+        raise AssertionError("no LoRA work should run")
+
+    monkeypatch.setattr(torch_ops, "shrink", forbidden)
+    monkeypatch.setattr(torch_ops, "expand", forbidden)
+    case = make_case(4, 16, 4, 2, (8,), slots="none")
+    mapping = case.mapping()
+    assert not mapping.any_active
+    out = case.base.clone()
+    assert lora_apply(case.x, case.lora_a, case.lora_b, mapping, out, case.offsets) is out
+    assert torch.equal(out, case.base)
+    assert torch.equal(lora_expand(torch.ones(4, 4), case.lora_b, case.token_slots, out, case.offsets), case.base)
+    y = lora_shrink(case.x, case.lora_a, case.token_slots, 1, torch.full((4, 4), 5.0))
+    assert not y.any()
+
+
+def test_empty_batch() -> None:
+    case = make_case(0, 16, 4, 2, (8, 8), slots=[])
+    y = lora_shrink(case.x, case.lora_a, case.token_slots, 2)
+    assert y.shape == (0, 8)
+    out = lora_apply(case.x, case.lora_a, case.lora_b, case.mapping(), case.base.clone(), case.offsets)
+    assert out.shape == (0, 16)
+
+
+def test_float32_out_for_shrink_and_float32_y_for_expand() -> None:
+    case = make_case(6, 32, 8, 2, (16,), dtype=torch.bfloat16)
+    y = lora_shrink(case.x, case.lora_a, case.token_slots, 1, torch.empty(6, 8))
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, reference_shrink(case, torch.float32), atol=2e-2, rtol=2e-2)
+    out = lora_expand(y, case.lora_b, case.token_slots, case.base.clone(), case.offsets)
+    assert_close(out, reference_expand(case, y))
