@@ -13,6 +13,12 @@ import torch
 
 ModuleKey = tuple[int, str]  # (layer index, packed module name such as "qkv_proj")
 
+_ALIGN = 16  # elements: every view starts 64-byte aligned, as grouped GEMMs and SIMD loads want
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // _ALIGN) * _ALIGN
+
 
 @dataclass(frozen=True)
 class ModuleSlice:
@@ -33,8 +39,9 @@ class SlotLayout:
             a_shape = (len(output_sizes) * max_rank, in_features)
             b_shape = (sum(output_sizes), max_rank)
             slice_offsets = tuple(sum(output_sizes[:i]) for i in range(len(output_sizes) + 1))
-            self.modules[key] = ModuleSlice(offset, a_shape, offset + a_shape[0] * a_shape[1], b_shape, slice_offsets)
-            offset += a_shape[0] * a_shape[1] + b_shape[0] * b_shape[1]
+            b_offset = _aligned(offset + a_shape[0] * a_shape[1])
+            self.modules[key] = ModuleSlice(offset, a_shape, b_offset, b_shape, slice_offsets)
+            offset = _aligned(b_offset + b_shape[0] * b_shape[1])
         self.numel = offset
 
     def views(self, storage: torch.Tensor, key: ModuleKey) -> tuple[torch.Tensor, torch.Tensor]:
