@@ -52,7 +52,7 @@ class PagedAttention:
     ) -> torch.Tensor:  # [T, Hq * D]
         k_cache.index_copy_(0, meta.slot_mapping, k)
         v_cache.index_copy_(0, meta.slot_mapping, v)
-        out = torch.empty_like(q)  # [T, Hq, D]
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, Hq, D], contiguous
         p = meta.num_prefill_tokens
         if p:
             self._prefill(q[:p], k[:p], v[:p], out[:p], meta)

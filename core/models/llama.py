@@ -46,15 +46,14 @@ class DecoderLayer(nn.Module):
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        t = hidden.shape[0]
+        t, heads = hidden.shape[0], self.num_heads
         qkv = self.qkv_proj(self.input_layernorm(hidden))  # [T, q + 2kv]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(t, self.num_heads, self.head_dim)  # [T, Hq, D]
-        k = k.reshape(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = v.reshape(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        qk = qkv[:, : self.q_size + self.kv_size].view(t, heads + self.num_kv_heads, self.head_dim)  # [T, Hq + Hkv, D]
+        v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+            qk = torch.cat((self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])), dim=1)
+        qk = apply_rotary(qk, *rotary)  # q and k rotated together: one set of ops, not two
+        q, k = qk[:, :heads], qk[:, heads:]
         attn_out = self.attn(q, k, v, kv_cache[0], kv_cache[1], meta)  # [T, Hq * D]
         hidden = hidden + self.o_proj(attn_out)
         mlp_out = self.down_proj(silu_and_mul(self.gate_up_proj(self.post_attention_layernorm(hidden))))
