@@ -1,4 +1,5 @@
-"""The `loraplex` command line: `loraplex generate` runs prompts through the engine."""
+"""The `loraplex` command line: `loraplex generate` runs prompts through the engine; `loraplex plugins`
+lists the installed plugins and what became of them."""
 
 from __future__ import annotations
 
@@ -46,6 +47,13 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plugins(args: argparse.Namespace) -> int:
+    from .plugins import list_plugins, render_plugins
+
+    print(render_plugins(list_plugins(), as_json=args.json))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description="Serve many LoRA adapters on one base model.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--sampling-seed", type=int, default=None)
     gen.set_defaults(handler=_generate)
+    plugins = commands.add_parser("plugins", help="list installed plugins: package, version, allowed by VLLM_PLUGINS, "
+                                                  "loaded or why not, resolvers registered")
+    plugins.add_argument("--json", action="store_true", help="print the report as JSON")
+    plugins.set_defaults(handler=_plugins)
     return parser
 
 

@@ -57,3 +57,77 @@ def lora_resolver_hf_repo_list() -> list[str]:
     """`VLLM_LORA_RESOLVER_HF_REPO_LIST`: repos the Hub resolver may fetch from."""
     value = os.environ.get("VLLM_LORA_RESOLVER_HF_REPO_LIST", "")
     return [repo.strip() for repo in value.split(",") if repo.strip()]
+
+
+def plugins_strict() -> bool:
+    """`LORAPLEX_PLUGINS_STRICT`: a plugin that fails to load (or an unknown name in
+    `VLLM_PLUGINS`) is an error instead of a logged warning (for CI)."""
+    return _flag("LORAPLEX_PLUGINS_STRICT")
+
+
+def lora_resolver_timeout() -> float:
+    """`LORAPLEX_LORA_RESOLVER_TIMEOUT`: seconds one resolver may take to answer (default 30)."""
+    return _seconds("LORAPLEX_LORA_RESOLVER_TIMEOUT", 30.0, allow_zero=False)
+
+
+def lora_resolver_miss_ttl() -> float:
+    """`LORAPLEX_LORA_RESOLVER_MISS_TTL`: seconds a name no resolver found is remembered as
+    missing (default 10; 0 disables the memory)."""
+    return _seconds("LORAPLEX_LORA_RESOLVER_MISS_TTL", 10.0, allow_zero=True)
+
+
+def _seconds(name: str, default: float, *, allow_zero: bool) -> float:
+    value = os.environ.get(name)
+    if value is None or not value.strip():
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not (seconds > 0 or (allow_zero and seconds == 0)) or seconds == float("inf"):
+        from .errors import ConfigError
+
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name}={value!r} is not a number of seconds {bound}; set it to e.g. {default:g} or unset it")
+    return seconds
+
+
+# ---- the S3 resolver package (loraplex-resolver-s3) ------------------------------------------------
+
+
+def lora_s3_uri() -> str | None:
+    """`LORAPLEX_S3_LORA_URI`: where the S3 resolver finds adapters, a template such as
+    `s3://bucket/loras/{lora_name}` or `s3://bucket/loras/{base_model_name}/{lora_name}`."""
+    return os.environ.get("LORAPLEX_S3_LORA_URI", "").strip() or None
+
+
+def lora_s3_cache_dir() -> Path:
+    """`LORAPLEX_S3_LORA_CACHE_DIR`: where downloaded S3 adapters are kept (default: `<cache_dir()>/s3-loras`)."""
+    explicit = os.environ.get("LORAPLEX_S3_LORA_CACHE_DIR", "").strip()
+    return Path(explicit).expanduser() if explicit else cache_dir() / "s3-loras"
+
+
+def lora_s3_max_bytes() -> int | None:
+    """`LORAPLEX_S3_LORA_MAX_BYTES`: the largest adapter (total listed size) the S3 resolver downloads; unset = no limit."""
+    value = os.environ.get("LORAPLEX_S3_LORA_MAX_BYTES", "").strip()
+    if not value:
+        return None
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit <= 0:
+        from .errors import ConfigError
+
+        raise ConfigError(f"LORAPLEX_S3_LORA_MAX_BYTES={value!r} is not a positive whole number of bytes; set it to e.g. "
+                          "1073741824 (1 GiB) or unset it for no limit")
+    return limit
+
+
+def aws_endpoint_url_s3() -> str | None:
+    """`AWS_ENDPOINT_URL_S3`, else `AWS_ENDPOINT_URL`: an S3-compatible endpoint (MinIO, moto, ...), as the AWS SDKs read them."""
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value
+    return None

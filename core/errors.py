@@ -9,6 +9,7 @@ the reason and the fix.
     ├── ModelNotFoundError     a model path or name that leads nowhere
     ├── InvalidRequestError    a request that cannot be served (prompt too long, bad sampling params)
     │   └── InvalidSamplingParamsError
+    ├── PluginError            a plugin failed to load, in strict mode (see loraplex.plugins)
     └── LoRAError              anything about an adapter (see loraplex.lora)
         ├── LoRAAdapterNotFoundError
         └── InvalidLoRAAdapterError
@@ -42,6 +43,10 @@ class InvalidRequestError(LoraplexError, ValueError):
 
 class InvalidSamplingParamsError(InvalidRequestError):
     """A sampling parameter is out of its allowed range."""
+
+
+class PluginError(LoraplexError):
+    """A plugin failed to import or to register its resolvers (raised only in strict mode)."""
 
 
 class LoRAError(LoraplexError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Iterable
@@ -11,9 +12,10 @@ from typing import Any
 import torch
 
 from ..config import EngineArgs
-from ..errors import ConfigError, InvalidRequestError
+from ..errors import ConfigError, InvalidRequestError, LoRAError
 from ..lora.manager import LoRAManager, LoRAManagerConfig
 from ..lora.request import LoRARequest
+from ..lora.resolution import LoRAResolution
 from ..lora.resolve import lora_request_from
 from ..model_loader.loader import load_config, load_model, resolve_model_path
 from ..outputs import CompletionOutput, Logprob, RequestOutput
@@ -66,6 +68,7 @@ class LLMEngine:
                                 layer.head_dim, self.dtype, self.device)
         self.served_model_name = args.served_model_name or (args.model if args.model else self.model_path.name)
         self.lora_manager = self._lora_manager() if args.enable_lora else None
+        self.lora_resolution = self._lora_resolution() if args.enable_lora else None
         self.scheduler = Scheduler(BlockPool(num_blocks, args.block_size), args.max_num_seqs,
                                    self.max_num_batched_tokens, self.lora_manager)
         self.runner = ModelRunner(self.model, self.kv_cache, args.block_size, self.device, self.dtype, self.lora_manager)
@@ -110,6 +113,15 @@ class LLMEngine:
         served = {self.served_model_name, self.model_path.name}
         return LoRAManager(self.model, LoRAManagerConfig(args.max_loras, args.max_lora_rank,
                                                          args.max_cpu_loras or args.max_loras, served))
+
+    def _lora_resolution(self) -> LoRAResolution:
+        """Resolvers from the installed plugins (loaded once per process), asked for unknown names."""
+        from ..plugins import load_plugins
+        from ..resolver import LoRAResolverRegistry
+
+        load_plugins()
+        # resolvers get the model as it was named (vLLM passes its `model` argument)
+        return LoRAResolution(LoRAResolverRegistry, self.args.model or self.served_model_name, self._add_resolved_lora)
 
     def _default_kv_budget(self) -> int:
         if self.device.type == "cuda":
@@ -161,11 +173,38 @@ class LLMEngine:
 
     def _register_lora(self, lora_request: LoRARequest | str) -> LoRARequest:
         if self.lora_manager is None:
+            name = lora_request.lora_name if isinstance(lora_request, LoRARequest) else lora_request
             raise InvalidRequestError(
-                "a LoRA adapter was requested but LoRA is not enabled; start the engine with enable_lora=True (--enable-lora)"
+                f"LoRA adapter {name!r} was requested but LoRA is not enabled; start the engine with enable_lora=True (--enable-lora)"
             )
-        request = lora_request_from(lora_request, self.lora_manager.registered)
+        resolution = self.lora_resolution
+        resolve = resolution.resolve_sync if resolution is not None and resolution.enabled else None
+        request = lora_request_from(lora_request, self.lora_manager.registered, resolve)
         self.lora_manager.add_lora(request)
+        return request
+
+    async def resolve_lora(self, lora_name: str) -> LoRARequest:
+        """An adapter by name: one already added, else one the resolvers find (loaded and checked).
+
+        Needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True for names not added yet; see loraplex.lora.resolution.
+        """
+        manager = self._lora()
+        known = manager.registered.get(lora_name)
+        if known is not None:
+            return known
+        assert self.lora_resolution is not None  # exists whenever the manager does
+        return await self.lora_resolution.resolve(lora_name)
+
+    def _add_resolved_lora(self, request: LoRARequest) -> LoRARequest:
+        """Load and check an adapter a resolver found; a fresh id if another adapter holds its id."""
+        manager = self._lora()
+        known = manager.registered.get(request.lora_name)
+        if known is not None:  # added meanwhile (e.g. by add_lora): that one is served
+            return known
+        if any(r.lora_int_id == request.lora_int_id for r in manager.registered.values()):
+            fresh = max(r.lora_int_id for r in manager.registered.values()) + 1
+            request = dataclasses.replace(request, lora_int_id=fresh)
+        manager.add_lora(request)
         return request
 
     # ---- adapters (vLLM's engine methods) ---------------------------------------------------------
@@ -174,7 +213,15 @@ class LLMEngine:
         return self._lora().add_lora(lora_request)
 
     def remove_lora(self, lora_id: int | str) -> bool:
-        return self._lora().remove_lora(lora_id)
+        manager = self._lora()
+        name = manager._name_of(lora_id)
+        queued = sum(1 for seq in self.scheduler.waiting if name is not None and seq.lora_name == name)
+        if queued:  # the scheduler would look the removed adapter up when it admits them
+            raise LoRAError(
+                f"LoRA adapter {name!r} is needed by {queued} queued sequence(s); "
+                "abort them or wait for them to finish before removing it"
+            )
+        return manager.remove_lora(lora_id)
 
     def pin_lora(self, lora_id: int | str) -> bool:
         return self._lora().pin_lora(lora_id)

@@ -82,6 +82,9 @@ class LoRAManager:
         self._clock = itertools.count(1)
         self.in_use: Counter[str] = Counter()
         self.pinned: set[str] = set()
+        # evicted from the CPU cache, then loaded again because a request needs it (add_request
+        # reloads it before the scheduler activates it): that activation is a cache miss
+        self._reloaded: set[str] = set()
         self.stats: dict[str, AdapterStats] = {}
 
     # ---- registration (disk -> CPU) -------------------------------------------------------------
@@ -122,6 +125,7 @@ class LoRAManager:
         self.registered.pop(name)
         self.cpu_cache.pop(name, None)
         self.pinned.discard(name)
+        self._reloaded.discard(name)
         if name in self.slots:
             slot = self.slots.index(name)
             self.storage[slot].zero_()
@@ -175,6 +179,7 @@ class LoRAManager:
         if adapter is None:
             adapter = self._load(self.registered[name])
             self._cache_put(adapter)
+            self._reloaded.add(name)
         else:
             self.cpu_cache.move_to_end(name)
         return adapter
@@ -227,7 +232,7 @@ class LoRAManager:
             if slot is None:
                 return None
             stats = self.stats.setdefault(name, AdapterStats())
-            if name in self.cpu_cache:
+            if name in self.cpu_cache and name not in self._reloaded:
                 stats.cache_hits += 1
             else:
                 stats.cache_misses += 1
@@ -238,6 +243,7 @@ class LoRAManager:
             self.storage[slot].copy_(adapter.image, non_blocking=True)
             self.slots[slot] = name
             stats.activations += 1
+        self._reloaded.discard(name)
         self._slot_clock[slot] = next(self._clock)
         return slot
 

@@ -95,6 +95,12 @@ def _refuse_unsupported(raw: dict, name: str) -> None:
         )
     if raw.get("fan_in_fan_out"):
         refuse("fan_in_fan_out=true is for Conv1D models, not this model's linears", "re-save it for a Llama-family model")
-    for unsupported in ("layer_replication", "trainable_token_indices"):
+    if raw.get("alora_invocation_tokens"):
+        refuse(
+            "it is an activated LoRA (alora_invocation_tokens), which applies only after its invocation tokens; "
+            "that is not supported",
+            "retrain it as a plain LoRA adapter",
+        )
+    for unsupported in ("layer_replication", "trainable_token_indices", "arrow_config", "use_bdlora"):
         if raw.get(unsupported):
             refuse(f"it uses {unsupported}, which is not supported", f"retrain without {unsupported}")

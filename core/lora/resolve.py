@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import LoRAAdapterNotFoundError
 from .request import LoRARequest
 
 
-def lora_request_from(value: LoRARequest | str, registered: dict[str, LoRARequest]) -> LoRARequest:
-    """A LoRARequest as is; a string as an added adapter's name, a local directory, or a Hub repo id."""
+def lora_request_from(
+    value: LoRARequest | str,
+    registered: dict[str, LoRARequest],
+    resolve: Callable[[str], LoRARequest] | None = None,
+) -> LoRARequest:
+    """A LoRARequest as is; a string as an added adapter's name, a local directory, an adapter the
+    resolvers find (`resolve`, given when resolution is enabled), or a Hub repo id."""
     if isinstance(value, LoRARequest):
         return value
     if not isinstance(value, str) or not value:
@@ -20,7 +26,22 @@ def lora_request_from(value: LoRARequest | str, registered: dict[str, LoRAReques
     path = Path(value).expanduser()
     if path.is_dir():
         return LoRARequest(value, next_id, str(path))
+    if resolve is not None:
+        try:
+            return resolve(value)
+        except LoRAAdapterNotFoundError as miss:
+            if not _is_repo_id(value):
+                raise
+            try:
+                return LoRARequest(value, next_id, download_adapter(value))
+            except LoRAAdapterNotFoundError as exc:
+                raise LoRAAdapterNotFoundError(f"{miss}. Nor from the Hub: {exc}") from exc
     return LoRARequest(value, next_id, download_adapter(value))
+
+
+def _is_repo_id(value: str) -> bool:
+    parts = value.split("/")
+    return not value.startswith((".", "/", "~")) and len(parts) >= 2 and all(parts)
 
 
 def download_adapter(repo_id: str) -> str:
