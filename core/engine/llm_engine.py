@@ -167,6 +167,8 @@ class LLMEngine:
             seqs.append(seq)
         request = _Request(request_id, text, list(token_ids), params, seqs, arrival, lora_request)
         request.metrics["arrival_time"] = arrival
+        if lora_request is not None:
+            self.lora_manager.record_request(lora_request.lora_name, len(token_ids))
         self.requests[request_id] = request
         for seq in seqs:
             self.scheduler.add(seq)
@@ -315,6 +317,8 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, token: int, sampled, row: int) -> None:
         params = seq.params
         seq.output_token_ids.append(token)
+        if seq.lora_name is not None:
+            self.lora_manager.record_generated(seq.lora_name)
         if sampled.sampled_logprobs is not None and params.logprobs is not None:
             self._record_logprobs(seq, token, sampled, row)
         is_eos = token in self.eos_token_ids and not params.ignore_eos

@@ -149,6 +149,14 @@ class LoRAManager:
         self.pinned.add(name)
         return True
 
+    def record_request(self, name: str, prompt_tokens: int) -> None:
+        stats = self.stats.setdefault(name, AdapterStats())
+        stats.requests += 1
+        stats.prompt_tokens += prompt_tokens
+
+    def record_generated(self, name: str, tokens: int = 1) -> None:
+        self.stats.setdefault(name, AdapterStats()).generated_tokens += tokens
+
     def list_loras(self) -> set[int]:
         return {request.lora_int_id for request in self.registered.values()}
 
