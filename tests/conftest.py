@@ -6,6 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+
+# The suite's models are tiny: one thread is faster than two here (no synchronisation stalls, no
+# fight with the servers and subprocesses the tests start). Benchmarks keep torch's default.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

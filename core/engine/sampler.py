@@ -34,12 +34,12 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         # logits [B, V] float32
-        batch, vocab = logits.shape
+        # logprobs describe the model's own distribution (as vLLM's do), before any token is banned
+        want_logprobs = any(row.params.logprobs is not None for row in rows)
+        logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None  # [B, V]
         for i, row in enumerate(rows):
             if row.banned_token_ids:
                 logits[i, row.banned_token_ids] = float("-inf")
-        want_logprobs = any(row.params.logprobs is not None for row in rows)
-        logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None  # [B, V]
 
         greedy_ids = logits.argmax(dim=-1)  # [B]
         if all(row.params.greedy for row in rows):

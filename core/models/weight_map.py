@@ -40,7 +40,10 @@ def assign_checkpoint_tensors(model: "CausalLM", weights: Iterable[tuple[str, to
             continue
         if name == "lm_head.weight" and model.tie_word_embeddings:
             continue
-        target = _assign_one(model, name, tensor)
+        try:
+            target = _assign_one(model, name, tensor)
+        except ValueError as exc:
+            raise ValueError(f"checkpoint tensor {name!r}: {exc}") from exc
         if target is None:
             raise ValueError(f"checkpoint tensor {name!r} matches no parameter of {type(model).__name__}")
         seen.add(name)
