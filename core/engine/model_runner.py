@@ -62,8 +62,8 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, **to),
             prefill_lens=[seq.num_tokens for seq in batch.prefills],
             num_prefill_tokens=num_prefill_tokens,
-            decode_slots=None, decode_mask=None, decode_window_mask=None,
-            sliding_window=self.model.sliding_window,
+            decode_blocks=None, decode_mask=None, decode_window_mask=None,
+            sliding_window=self.model.sliding_window, block_size=self.block_size,
         )
         if batch.decodes:
             self._decode_layout(batch, meta)
@@ -93,10 +93,8 @@ class ModelRunner:
         lengths = [seq.num_tokens for seq in batch.decodes]
         max_blocks = -(-max(lengths) // bs)
         table = [seq.block_ids[:max_blocks] + [0] * (max_blocks - len(seq.block_ids[:max_blocks])) for seq in batch.decodes]
-        block_table = torch.tensor(table, device=self.device, dtype=torch.long)  # [Bd, nb]
-        offsets = torch.arange(bs, device=self.device)  # [bs]
-        length = max(lengths)
-        meta.decode_slots = (block_table[:, :, None] * bs + offsets).view(len(table), -1)[:, :length]  # [Bd, L]
+        meta.decode_blocks = torch.tensor(table, device=self.device, dtype=torch.long)  # [Bd, nb]
+        length = max_blocks * bs
         context = torch.tensor(lengths, device=self.device)[:, None]  # [Bd, 1]
         key_pos = torch.arange(length, device=self.device)[None, :]  # [1, L]
         outside = key_pos >= context  # [Bd, L]
