@@ -6,6 +6,10 @@
     adapter      loading and checking adapter weights, scaling folded into B
     layers       LoRALinear: base output plus per-token deltas by slot
     manager      CPU LRU cache, device slots, pinning, per-adapter statistics
+    slot_layout  where each wrapped linear's weights sit in a slot's flat buffer
+    resolver     alias of loraplex.resolver (vLLM's import path)
+    resolution   on-demand resolution of unknown names through the resolvers
+    adapter_dir  checks resolvers share: safe names, adapter directories for the served model
 """
 
 from .request import LoRARequest

@@ -10,6 +10,7 @@ import torch
 
 from ..errors import InvalidLoRAAdapterError, LoRAAdapterNotFoundError
 from ..models.weight_map import PACKED_MODULES
+from .adapter_dir import short_model_name
 from .peft_config import AdapterConfig
 from .slot_layout import ModuleKey, SlotLayout
 
@@ -130,13 +131,9 @@ def _check_base_model(config: AdapterConfig, name: str, served_names: set[str]) 
     base = config.base_model_name_or_path
     if not base or not served_names:
         return
-    if _short(base) not in {_short(n) for n in served_names}:
+    if short_model_name(base) not in {short_model_name(n) for n in served_names}:
         raise InvalidLoRAAdapterError(
             f"LoRA adapter {name!r}: it was trained for base model {base!r}, but this engine serves "
             f"{sorted(served_names)[0]!r}; use an adapter for the served model (or, if it is known to fit, "
             "correct base_model_name_or_path in its adapter_config.json)"
         )
-
-
-def _short(model_name: str) -> str:
-    return model_name.rstrip("/").rsplit("/", 1)[-1].lower()

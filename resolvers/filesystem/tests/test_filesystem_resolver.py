@@ -19,7 +19,7 @@ from loraplex.resolver import _LoRAResolverRegistry
 from loraplex.testing import DEFAULT_ESCAPING_NAMES, ResolverConformance
 from loraplex_resolver_filesystem import RESOLVER_NAME, FilesystemResolver
 from loraplex_resolver_filesystem import plugin as fs_plugin
-from loraplex_resolver_filesystem.adapter_dir import name_problem, stable_lora_id
+from loraplex.lora.adapter_dir import name_problem, stable_lora_id
 
 BASE = "tiny-base"  # the last path component of the session's base model (see conftest.py)
 LOGGER = "loraplex_resolver_filesystem"

@@ -11,7 +11,7 @@ from pathlib import Path
 from loraplex.lora.request import LoRARequest
 from loraplex.resolver import LoRAResolver
 
-from .adapter_dir import adapter_problem, name_parts, name_problem, stable_lora_id
+from loraplex.lora.adapter_dir import adapter_problem, name_parts, name_problem, stable_lora_id
 
 __all__ = ["RESOLVER_NAME", "HfHubResolver", "split_lora_name"]
 

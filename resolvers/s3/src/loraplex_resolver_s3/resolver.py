@@ -16,7 +16,7 @@ from loraplex.errors import InvalidLoRAAdapterError
 from loraplex.lora.request import LoRARequest
 from loraplex.resolver import LoRAResolver
 
-from .adapter_dir import WEIGHT_FILES, adapter_problem, name_problem, stable_lora_id
+from loraplex.lora.adapter_dir import WEIGHT_FILES, adapter_problem, name_problem, stable_lora_id
 from .cache import AdapterCache, RemoteFile
 from .uri import S3Location, S3UriTemplate
 

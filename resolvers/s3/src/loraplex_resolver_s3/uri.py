@@ -5,7 +5,7 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 
-from .adapter_dir import name_problem
+from loraplex.lora.adapter_dir import name_problem
 
 __all__ = ["PLACEHOLDERS", "S3Location", "S3UriTemplate"]
 

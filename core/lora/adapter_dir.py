@@ -1,8 +1,4 @@
-"""What makes a name safe and a directory a PEFT LoRA adapter for the served base model.
-
-The same checks as loraplex-resolver-filesystem's; each resolver package carries its own copy so
-that it installs on its own.
-"""
+"""Checks resolvers share: a safe adapter name, a PEFT LoRA adapter directory for the served model."""
 
 from __future__ import annotations
 
