@@ -87,15 +87,16 @@ class PagedAttention:
         keys = keys.view(bd, length, self.num_kv_heads, self.head_dim)  # [Bd, L, Hkv, D]
         values = values.view(bd, length, self.num_kv_heads, self.head_dim)
         mask = meta.decode_window_mask if self.sliding and meta.decode_window_mask is not None else meta.decode_mask
+        # the query heads sharing a KV head become that head's "query positions": no K/V repeat
+        group = self.num_heads // self.num_kv_heads
         o = F.scaled_dot_product_attention(
-            q.unsqueeze(2),  # [Bd, Hq, 1, D]
+            q.reshape(bd, self.num_kv_heads, group, self.head_dim),  # [Bd, Hkv, G, D]
             keys.transpose(1, 2),  # [Bd, Hkv, L, D]
             values.transpose(1, 2),
-            attn_mask=mask,
+            attn_mask=mask,  # [Bd, 1, 1, L]: the same for every query head of a sequence
             scale=self.scale,
-            enable_gqa=True,
-        )  # [Bd, Hq, 1, D]
-        out.copy_(o.squeeze(2))
+        )  # [Bd, Hkv, G, D]
+        out.copy_(o.view(bd, self.num_heads, self.head_dim))
 
 
 def _sliding_causal_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
