@@ -49,11 +49,15 @@ _HAS_GROUPED_MM = _grouped_mm_works_on_cpu()
 # From this many tokens per run on average, "runs" (views only, one op per run and slice) beats
 # "grouped" (gather + scatter, fixed op count); measured crossover between 32 and 64, see the docs.
 RUNS_MIN_MEAN_LEN = 64
+# With this few runs "runs" wins whatever their length: it issues fewer ops than "grouped"'s
+# gather, grouped GEMM per slice and scatter (the engine puts one adapter's tokens side by side).
+RUNS_MAX_COUNT = 8
 
 
 def choose_formulation(mapping: LoRABatchMapping) -> str:
     """The formulation measured fastest on CPU for this batch's shape (see docs/kernels.md)."""
-    if mapping.num_active_tokens >= RUNS_MIN_MEAN_LEN * len(mapping.runs_host):
+    runs = len(mapping.runs_host)
+    if runs <= RUNS_MAX_COUNT or mapping.num_active_tokens >= RUNS_MIN_MEAN_LEN * runs:
         return "runs"
     # grouped_mm on CUDA takes only bf16 on recent GPUs; this path serves CUDA only without Triton.
     return "grouped" if _HAS_GROUPED_MM and mapping.device.type == "cpu" else "segments"

@@ -68,6 +68,9 @@ class Scheduler:
         batch = ScheduledBatch()
         self._schedule_decodes(batch)
         self._admit_waiting(batch)
+        # one adapter's tokens side by side: the LoRA kernels then see a few long runs per slot
+        batch.decodes.sort(key=_adapter_order)
+        batch.prefills.sort(key=_adapter_order)
         return batch
 
     def _schedule_decodes(self, batch: ScheduledBatch) -> None:
@@ -139,3 +142,7 @@ class Scheduler:
     def _release_adapter(self, seq: Sequence) -> None:
         if seq.lora_name is not None and self.adapters is not None:
             self.adapters.release(seq.lora_name)
+
+
+def _adapter_order(seq: Sequence) -> str:
+    return seq.lora_name or ""
