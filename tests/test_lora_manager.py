@@ -268,3 +268,25 @@ def test_an_adapter_in_use_is_never_evicted_from_its_slot(make_engine, adapters,
     ids = sorted(finished)
     assert_matches_oracle([finished[i] for i in ids], [names[i] for i in ids], adapters.oracle, LOGPROB_ATOL["tiny"])
     assert not any(manager.in_use.values())
+
+
+def test_adapter_unloadable_at_activation_aborts_only_its_request(make_engine, adapters, tmp_path) -> None:
+    """An adapter evicted from the CPU cache whose files vanish before it gets a slot ends its own
+    request with "abort"; the engine keeps serving the others exactly."""
+    import shutil
+
+    engine = make_engine(max_loras=1, max_cpu_loras=1)
+    copies = {name: tmp_path / name for name in ("A", "B")}
+    for name, path in copies.items():
+        shutil.copytree(adapters.paths[name], path)
+    engine.add_request("gone", PROMPTS[0], greedy(4), lora_request=LoRARequest("A", 1, str(copies["A"])))
+    engine.add_request("kept", PROMPTS[1], greedy(4), lora_request=LoRARequest("B", 2, str(copies["B"])))
+    engine.add_request("base", PROMPTS[2], greedy(4))
+    assert list(engine.lora_manager.cpu_cache) == ["B"]  # A was evicted when B arrived
+    shutil.rmtree(copies["A"])
+    finished = step_until_done(engine)
+    assert finished["gone"].outputs[0].finish_reason == "abort"
+    assert finished["gone"].outputs[0].token_ids == []
+    assert_matches_oracle([finished["kept"], finished["base"]], ["B", None], adapters.oracle, LOGPROB_ATOL["tiny"])
+    assert engine.scheduler.pool.num_free == engine.scheduler.pool.num_blocks
+    assert not engine.lora_manager.in_use["A"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from .model_runner import KVCache, ModelRunner
 from .sampler import Sampler, SamplingRow
 from .scheduler import Scheduler
 from .sequence import Sequence
+
+logger = logging.getLogger(__name__)
 
 PromptType = str | dict[str, Any] | list[int]
 
@@ -285,14 +288,20 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one batched forward pass; return the outputs of every request it advanced."""
         batch = self.scheduler.schedule()
+        touched: dict[str, _Request] = {}
+        for seq, error in batch.failed:
+            # this request alone ends; the rest of the batch goes on
+            logger.error("request %s aborted: %s", seq.request_id, error)
+            seq.finish("abort")
+            self.scheduler.free(seq)
+            touched[seq.request_id] = self.requests[seq.request_id]
         if not batch:
-            return []
+            return self._outputs(touched)
         seqs = batch.sequences
         logits = self.runner.execute(batch)  # [B, V]
         rows = [SamplingRow(seq.params, self._banned_tokens(seq), seq.generator) for seq in seqs]
         sampled = self.sampler(logits, rows)
         now = time.monotonic()
-        touched: dict[str, _Request] = {}
         for i, seq in enumerate(seqs):
             request = self.requests[seq.request_id]
             request.metrics.setdefault("first_token_time", now)
@@ -300,6 +309,9 @@ class LLMEngine:
             if seq.is_finished:
                 self.scheduler.free(seq)
             touched[request.request_id] = request
+        return self._outputs(touched)
+
+    def _outputs(self, touched: dict[str, "_Request"]) -> list[RequestOutput]:
         outputs = [self._request_output(request) for request in touched.values()]
         for out in outputs:
             if out.finished:

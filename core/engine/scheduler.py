@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ..errors import LoRAError
 from .block_pool import BlockPool
 from .sequence import Sequence, SequenceStatus
 
@@ -22,6 +23,7 @@ class ScheduledBatch:
     prefills: list[Sequence] = field(default_factory=list)  # compute every token of these
     decodes: list[Sequence] = field(default_factory=list)  # compute the last token of these
     preempted: list[Sequence] = field(default_factory=list)
+    failed: list[tuple[Sequence, Exception]] = field(default_factory=list)  # could not be started at all
 
     @property
     def sequences(self) -> list[Sequence]:
@@ -105,9 +107,16 @@ class Scheduler:
                     break
                 if seq.lora_name is not None and seq.lora_name not in self._busy_adapters():
                     continue
-            if seq.lora_name is not None and self.adapters is not None and not self.adapters.acquire(seq.lora_name):
-                blocked_on_slot = True
-                continue
+            if seq.lora_name is not None and self.adapters is not None:
+                try:
+                    acquired = self.adapters.acquire(seq.lora_name)
+                except LoRAError as exc:  # e.g. its files vanished since it was evicted from the CPU cache
+                    self.waiting.remove(seq)
+                    batch.failed.append((seq, exc))
+                    continue
+                if not acquired:
+                    blocked_on_slot = True
+                    continue
             self.waiting.remove(seq)
             seq.block_ids = self.pool.allocate(need)
             seq.num_cached_tokens = 0
