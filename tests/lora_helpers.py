@@ -65,18 +65,11 @@ def make_adapter(base: torch.nn.Module, out_dir: Path, *, seed: int, a_std: floa
     """
     from peft import LoraConfig, get_peft_model
 
-    generator = torch.Generator().manual_seed(seed)
+    from loraplex.testing.adapters import randomize_lora_weights
+
     with quiet_peft():
         model = get_peft_model(base, LoraConfig(**config))
-        with torch.no_grad():
-            for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-                if ".lora_A." in name:
-                    std = a_std if a_std is not None else param.shape[1] ** -0.5
-                elif ".lora_B." in name:
-                    std = b_std
-                else:
-                    continue
-                param.copy_(std * torch.randn(param.shape, generator=generator, dtype=torch.float32))
+        randomize_lora_weights(model, seed, a_std=a_std, b_std=b_std)
         model.save_pretrained(str(out_dir))
         model.unload()
     return Path(out_dir)

@@ -6,8 +6,9 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-__all__ = ["DEFAULT_TARGET_MODULES", "make_lora_adapter", "peft_greedy_tokens"]
+__all__ = ["DEFAULT_TARGET_MODULES", "make_lora_adapter", "peft_greedy_tokens", "randomize_lora_weights"]
 
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -44,21 +45,32 @@ def make_lora_adapter(
         bias="none",
         task_type="CAUSAL_LM",
     )
-    generator = torch.Generator().manual_seed(seed)
     with _quiet():
         peft_model = get_peft_model(model, config)
-        with torch.no_grad():
-            for name, param in sorted(peft_model.named_parameters(), key=lambda item: item[0]):
-                if ".lora_A." in name:
-                    std = a_std if a_std is not None else param.shape[1] ** -0.5
-                elif ".lora_B." in name:
-                    std = b_std
-                else:
-                    continue
-                param.copy_(std * torch.randn(param.shape, generator=generator, dtype=torch.float32))
+        randomize_lora_weights(peft_model, seed, a_std=a_std, b_std=b_std)
         out_dir.mkdir(parents=True, exist_ok=True)
         peft_model.save_pretrained(str(out_dir))
     return out_dir
+
+
+def randomize_lora_weights(peft_model: Any, seed: int, *, a_std: float | None = None, b_std: float = 0.1) -> None:
+    """Give a PEFT model's LoRA weights seeded non-zero values (PEFT starts B at zero).
+
+    A ~ N(0, a_std) (default 1/sqrt(in_features), so x·Aᵀ is about as large as x) and
+    B ~ N(0, b_std): the adapter visibly changes the output without swamping the base model.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(peft_model.named_parameters(), key=lambda item: item[0]):
+            if ".lora_A." in name:
+                std = a_std if a_std is not None else param.shape[1] ** -0.5
+            elif ".lora_B." in name:
+                std = b_std
+            else:
+                continue
+            param.copy_(std * torch.randn(param.shape, generator=generator, dtype=torch.float32))
 
 
 def peft_greedy_tokens(base_model_path: str | Path, adapter_path: str | Path | None, prompt: str, max_tokens: int) -> list[int]:
