@@ -2,11 +2,11 @@
 
 SmolLM2-135M: hidden 576, packed q/k/v out 576/192/192, gate/up 1536/1536, down 1536 -> 576,
 rank 16. Each formulation in `loraplex.kernels.torch_ops.FORMULATIONS` runs shrink then expand
-(what `lora_apply` does) for the three packed modules of one decoder layer; the script prints
+(what `lora_apply` does) for the four wrapped modules of one decoder layer; the script prints
 the median time per layer and per module, side by side, plus what `choose_formulation` picks
 and what the public `lora_apply` (checks and choice included) costs. Every formulation's output
-is checked against the reference before it is timed. A second table shows where "runs" stops
-beating "grouped" as runs of same-adapter tokens get shorter (the rule's threshold).
+is checked against the reference before it is timed. A second table compares "runs" with
+"batched" as runs of same-adapter tokens get shorter.
 
     .venv/bin/python benchmarks/bench_lora_cpu_ops.py [--dtype fp32|bf16] [--threads N]
 """
@@ -38,6 +38,7 @@ class Module:
 
 MODULES = (
     Module("qkv", HIDDEN, (0, 576, 768, 960)),
+    Module("o", HIDDEN, (0, HIDDEN)),
     Module("gate_up", HIDDEN, (0, INTERMEDIATE, 2 * INTERMEDIATE)),
     Module("down", INTERMEDIATE, (0, HIDDEN)),
 )
@@ -52,15 +53,18 @@ class Scenario:
 
 def scenarios(seed: int = 0) -> list[Scenario]:
     rng = random.Random(seed)
-    decode16 = [i % 8 for i in range(16)]
-    rng.shuffle(decode16)  # decode order follows requests, not adapters
+    decode16 = sorted(i % 8 for i in range(16))  # the engine orders a step's tokens by slot
     decode64 = list(range(64))
-    rng.shuffle(decode64)
+    shuffled = list(decode16)
+    rng.shuffle(shuffled)  # the worst order: every token its own run
     prefill = [r for r in range(4) for _ in range(128)]  # 4 prompts of 128 tokens, one adapter each
+    mixed = [0] * 100 + [3] * 60 + sorted(i % 8 for i in range(14))  # 2 prefills, then 14 decodes
     return [
         Scenario("decode T=16, 8 adapters", decode16, 8),
         Scenario("decode T=64, 64 adapters", decode64, 64),
+        Scenario("decode T=16, 8, unsorted", shuffled, 8),
         Scenario("prefill T=512, 4 adapters", prefill, 4),
+        Scenario("prefill+decode T=174", mixed, 8),
     ]
 
 
@@ -99,7 +103,7 @@ def run(dtype: torch.dtype) -> None:
             n_total = mod.slice_offsets[-1]
             x = torch.randn(t, mod.in_features, dtype=dtype)  # [T, in]
             lora_a = torch.randn(sc.num_slots, n_slices * RANK, mod.in_features, dtype=dtype) * 0.05
-            lora_b = torch.randn(sc.num_slots, n_total, RANK, dtype=dtype) * 0.05
+            lora_b = _b_as_stored(torch.randn(sc.num_slots, n_total, RANK, dtype=dtype) * 0.05)
             base = torch.randn(t, n_total, dtype=dtype)  # [T, N]
             expected = _reference_apply(x, lora_a, lora_b, mapping, base, mod.slice_offsets)
             cells = []
@@ -120,28 +124,32 @@ def run(dtype: torch.dtype) -> None:
 
 
 def crossover(dtype: torch.dtype) -> None:
-    """"runs" against "grouped" as runs get shorter: where torch_ops.RUNS_MIN_MEAN_LEN comes from."""
-    print(f"runs vs grouped, one layer (qkv + gate_up + down), by mean run length; rule: runs from "
-          f"{torch_ops.RUNS_MIN_MEAN_LEN} tokens per run")
-    print(f"{'tokens':>6s} {'run len':>7s} {'adapters':>8s} {'runs':>11s} {'grouped':>11s}   default")
+    """"runs" against "batched" as runs get shorter."""
+    print("runs vs batched, one layer (qkv + o + gate_up + down), by run length")
+    print(f"{'tokens':>6s} {'run len':>7s} {'adapters':>8s} {'runs':>11s} {'batched':>11s}   default")
     for tokens, run_len, adapters in [(512, 128, 4), (512, 64, 4), (512, 32, 4), (512, 16, 4), (64, 8, 8), (16, 2, 8)]:
         slots = [(i // run_len) % adapters for i in range(tokens)]
         mapping = LoRABatchMapping.from_token_slots(torch.tensor(slots), adapters)
         totals = {}
-        for name in ("runs", "grouped"):
+        for name in ("runs", "batched"):
             totals[name] = 0.0
             for mod in MODULES:
                 n_slices, n_total = len(mod.slice_offsets) - 1, mod.slice_offsets[-1]
                 x = torch.randn(tokens, mod.in_features, dtype=dtype)  # [T, in]
                 lora_a = torch.randn(adapters, n_slices * RANK, mod.in_features, dtype=dtype)
-                lora_b = torch.randn(adapters, n_total, RANK, dtype=dtype)
+                lora_b = _b_as_stored(torch.randn(adapters, n_total, RANK, dtype=dtype))
                 out = torch.zeros(tokens, n_total, dtype=dtype)  # [T, N]
                 step = _apply_step(name, x, lora_a, lora_b, mapping, out, mod.slice_offsets)
                 totals[name] += median_seconds(step, min_time=0.15, repeats=5)
         chosen = torch_ops.choose_formulation(mapping)
         print(f"{tokens:6d} {run_len:7d} {adapters:8d} {totals['runs'] * 1e6:9.1f}us "
-              f"{totals['grouped'] * 1e6:9.1f}us   {chosen}")
+              f"{totals['batched'] * 1e6:9.1f}us   {chosen}")
     print()
+
+
+def _b_as_stored(b: torch.Tensor) -> torch.Tensor:
+    """[S, N, R] laid out as the LoRA manager stores it: [S, R, N] in memory (see slot_layout)."""
+    return b.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _apply_step(name, x, lora_a, lora_b, mapping, out, offsets) -> Callable[[], torch.Tensor]:
@@ -173,8 +181,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     run(dtype)
-    if "grouped" in torch_ops.FORMULATIONS:
-        crossover(dtype)
+    crossover(dtype)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ Terms used across `loraplex.kernels`:
 - token slot: the device slot index of a token's adapter, or -1 for "base model only";
 - active token: a token whose slot is >= 0;
 - segment: the active tokens that share a slot, in the order of `sorted_token_ids`;
-- tile: up to `block_m` consecutive tokens of one segment (the unit of the segment form).
+- tile: up to `block_m` consecutive tokens of one segment (the unit of the segment form);
+- run: consecutive tokens in batch order sharing one active slot;
+- slot group: consecutive runs whose slots rise through a range, batched by the CPU path as one
+  GEMM per slice over that slot range (see `SlotGroup`).
 """
 
 from __future__ import annotations
@@ -19,9 +22,34 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["LoRABatchMapping"]
+__all__ = ["LoRABatchMapping", "SlotGroup"]
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
+
+# A slot group may pad each slot's tokens to its longest run and include a few idle slots, as
+# long as its padded size stays within this factor of its real rows (plus one row per slot).
+_MAX_GROUP_PADDING = 2
+# Idle slots a group may step over: reading one idle slot's weights is cheaper than a new GEMM.
+_MAX_SLOT_GAP = 2
+
+
+@dataclass(frozen=True)
+class SlotGroup:
+    """Batch rows [start, end) whose runs use slots rising within [lo, hi), as one padded batch.
+
+    Position `g * max_len + l` of the padded batch `[hi - lo, max_len]` is token `l` of slot
+    `lo + g`. `gather` (`[(hi - lo) * max_len]`, rows relative to `start`) fills it, padding with
+    row 0; `scatter` (`[end - start]`) is each row's padded position. Both are None when no
+    padding is needed: then rows `start:end` already are the padded batch, viewed in place.
+    """
+
+    lo: int
+    hi: int
+    max_len: int
+    start: int
+    end: int
+    gather: torch.Tensor | None
+    scatter: torch.Tensor | None
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,6 +142,11 @@ class LoRABatchMapping:
         (slot, start, end). Made on first use: only the torch path needs them."""
         return _runs(self._slots_host)
 
+    @functools.cached_property
+    def slot_groups(self) -> tuple[SlotGroup, ...]:
+        """The runs batched into slot groups (see `SlotGroup`), in batch order; made on first use."""
+        return _slot_groups(self.runs_host, self.device)
+
     @property
     def any_active(self) -> bool:
         """False when no token uses a LoRA: a layer can skip the LoRA path entirely."""
@@ -190,6 +223,43 @@ def _runs(slots: torch.Tensor) -> tuple[tuple[int, int, int], ...]:
     run_slots = slots[starts]  # [n_runs]
     runs = zip(run_slots.tolist(), starts.tolist(), ends.tolist(), strict=True)
     return tuple((s, b, e) for s, b, e in runs if s >= 0)
+
+
+def _slot_groups(runs: tuple[tuple[int, int, int], ...], device: torch.device) -> tuple[SlotGroup, ...]:
+    """Greedy in batch order: a run joins the open group when it starts where the group ends, its
+    slot is above the group's last within `_MAX_SLOT_GAP` idle slots, and the padded batch stays
+    within `_MAX_GROUP_PADDING` times the real rows."""
+    groups: list[SlotGroup] = []
+    members: list[tuple[int, int, int]] = []
+    for slot, start, end in runs:
+        if members:
+            last_slot, _, last_end = members[-1]
+            slots = slot + 1 - members[0][0]
+            max_len = max(end - start, *(e - b for _, b, e in members))
+            rows = end - members[0][1]
+            fits = slots * max_len <= _MAX_GROUP_PADDING * rows + slots
+            if start != last_end or not 0 < slot - last_slot <= _MAX_SLOT_GAP + 1 or not fits:
+                groups.append(_make_group(members, device))
+                members = []
+        members.append((slot, start, end))
+    if members:
+        groups.append(_make_group(members, device))
+    return tuple(groups)
+
+
+def _make_group(runs: list[tuple[int, int, int]], device: torch.device) -> SlotGroup:
+    lo, start, end = runs[0][0], runs[0][1], runs[-1][2]
+    hi = runs[-1][0] + 1
+    max_len = max(e - b for _, b, e in runs)
+    if (hi - lo) * max_len == end - start:  # every slot of the range has max_len rows: no padding
+        return SlotGroup(lo, hi, max_len, start, end, None, None)
+    gather = torch.zeros(hi - lo, max_len, dtype=torch.int64)  # [G, L], padding reads row 0
+    scatter = torch.empty(end - start, dtype=torch.int64)  # [rows]
+    for slot, b, e in runs:
+        g = slot - lo
+        gather[g, : e - b] = torch.arange(b - start, e - start)
+        scatter[b - start : e - start] = torch.arange(g * max_len, g * max_len + e - b)
+    return SlotGroup(lo, hi, max_len, start, end, gather.flatten().to(device), scatter.to(device))
 
 
 def _check_slot_values(slots: torch.Tensor, num_slots: int) -> None:

@@ -4,6 +4,9 @@ Several formulations are kept side by side because which one wins depends on the
 shape; `benchmarks/bench_lora_cpu_ops.py` measures them and `docs/kernels.md` records the
 numbers behind the default rule in `choose_formulation`:
 
+- "batched": one `bmm` per slot group (runs in batch order over a rising slot range, padded to
+  the longest run) and slice: the weights are strided views of the slot buffers, never copied,
+  and the rows are views of `x` / `out` unless padding needs a small gather;
 - "grouped": `torch.nn.functional.grouped_mm` over the tokens sorted by slot, one group per
   slot (empty groups for idle slots): no weight copies, no per-slot Python loop;
 - "runs": one in-place `mm` / `addmm_` per run of consecutive tokens sharing a slot (a prefill
@@ -24,7 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .mapping import LoRABatchMapping
+from .mapping import LoRABatchMapping, SlotGroup
 
 __all__ = ["shrink", "expand", "choose_formulation", "FORMULATIONS"]
 
@@ -46,19 +49,18 @@ def _grouped_mm_works_on_cpu() -> bool:
 
 _HAS_GROUPED_MM = _grouped_mm_works_on_cpu()
 
-# From this many tokens per run on average, "runs" (views only, one op per run and slice) beats
-# "grouped" (gather + scatter, fixed op count); measured crossover between 32 and 64, see the docs.
-RUNS_MIN_MEAN_LEN = 64
-# With this few runs "runs" wins whatever their length: it issues fewer ops than "grouped"'s
-# gather, grouped GEMM per slice and scatter (the engine puts one adapter's tokens side by side).
-RUNS_MAX_COUNT = 8
+# "batched" issues a fixed number of ops per slot group: it wins while a step's tokens form few
+# groups (the engine orders them by slot) or long ones. A batch in arbitrary order forms about one
+# group per token; "grouped" gathers it into slot order first (measured, see docs/kernels.md).
+BATCHED_MAX_GROUPS = 4
+BATCHED_MIN_ROWS_PER_GROUP = 16
 
 
 def choose_formulation(mapping: LoRABatchMapping) -> str:
     """The formulation measured fastest on CPU for this batch's shape (see docs/kernels.md)."""
-    runs = len(mapping.runs_host)
-    if runs <= RUNS_MAX_COUNT or mapping.num_active_tokens >= RUNS_MIN_MEAN_LEN * runs:
-        return "runs"
+    groups = len(mapping.slot_groups)
+    if groups <= BATCHED_MAX_GROUPS or mapping.num_active_tokens >= BATCHED_MIN_ROWS_PER_GROUP * groups:
+        return "batched"
     # grouped_mm on CUDA takes only bf16 on recent GPUs; this path serves CUDA only without Triton.
     return "grouped" if _HAS_GROUPED_MM and mapping.device.type == "cpu" else "segments"
 
@@ -102,6 +104,44 @@ def _scatter_rows(out: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, zero
     if zero:
         out.zero_()
     out.index_put_((ids,), rows.to(out.dtype))
+    return out
+
+
+# --- batched: one bmm per slot group and slice -----------------------------------------------------
+
+
+def _padded(rows: torch.Tensor, group: SlotGroup) -> torch.Tensor:
+    """A group's rows [end - start, C] as its padded batch [G, L, C] (a view when unpadded)."""
+    if group.gather is not None:
+        rows = rows.index_select(0, group.gather)
+    return rows.view(group.hi - group.lo, group.max_len, rows.shape[1])
+
+
+def _unpadded(batch: torch.Tensor, group: SlotGroup) -> torch.Tensor:
+    """The inverse of `_padded`: [G, L, C] -> the group's rows [end - start, C]."""
+    flat = batch.view(-1, batch.shape[2])
+    return flat if group.scatter is None else flat.index_select(0, group.scatter)
+
+
+def _shrink_batched(x, lora_a, mapping, n_slices, out):
+    if mapping.num_active_tokens < mapping.num_tokens:
+        out.zero_()
+    for g in mapping.slot_groups:
+        a = lora_a[g.lo : g.hi].transpose(1, 2)  # [G, in, nR], a view
+        rows = out[g.start : g.end]  # [rows, nR]
+        if g.scatter is None and out.dtype == x.dtype:
+            torch.bmm(_padded(x[g.start : g.end], g), a, out=rows.view(g.hi - g.lo, g.max_len, -1))
+        else:
+            rows.copy_(_unpadded(torch.bmm(_padded(x[g.start : g.end], g), a), g))  # [G, L, nR] -> rows
+    return out
+
+
+def _expand_batched(y, lora_b, mapping, out, slice_offsets):
+    for g in mapping.slot_groups:
+        ys = _padded(y[g.start : g.end].to(out.dtype), g)  # [G, L, nR]
+        for y_cols, o_cols in _slices(slice_offsets, lora_b.shape[2]):
+            b = lora_b[g.lo : g.hi, o_cols].transpose(1, 2)  # [G, R, N_i], a view
+            out[g.start : g.end, o_cols].add_(_unpadded(torch.bmm(ys[:, :, y_cols], b), g))
     return out
 
 
@@ -245,6 +285,7 @@ def _expand_dense(y, lora_b, mapping, out, slice_offsets):
 
 
 FORMULATIONS: dict[str, tuple[ShrinkFn, ExpandFn]] = {
+    "batched": (_shrink_batched, _expand_batched),
     "segments": (_shrink_segments, _expand_segments),
     "runs": (_shrink_runs, _expand_runs),
     "gather_bmm": (_shrink_gather_bmm, _expand_gather_bmm),

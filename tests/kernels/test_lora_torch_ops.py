@@ -69,6 +69,16 @@ def test_no_active_token(name: str, slots: list[int]) -> None:
 
 
 @pytest.mark.parametrize("name", FORMULATIONS)
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_b_stored_transposed(name: str, pattern: str) -> None:
+    """lora_b [S, N, R] may be a transposed view of [S, R, N] memory (the LoRA manager's layout)."""
+    case = make_case(12, 64, 8, 5, (40, 8, 8), slots=pattern, b_transposed=True)
+    assert case.lora_b.stride(1) == 1
+    y, out = _run(case, name)
+    assert_close(out, reference_expand(case, reference_shrink(case)))
+
+
+@pytest.mark.parametrize("name", FORMULATIONS)
 def test_strided_rows(name: str) -> None:
     """x and out may be row slices of wider buffers (only the last dim must be contiguous)."""
     case = make_case(9, 64, 8, 3, (16, 8))
@@ -86,6 +96,8 @@ def test_strided_rows(name: str) -> None:
 
 def test_default_choice_follows_batch_shape() -> None:
     prefill = LoRABatchMapping.from_token_slots([0] * 64 + [1] * 64, 2)
-    decode = LoRABatchMapping.from_token_slots([0, 1] * 8, 2)
-    assert torch_ops.choose_formulation(prefill) == "runs"
-    assert torch_ops.choose_formulation(decode) in ("grouped", "segments")
+    slot_ordered = LoRABatchMapping.from_token_slots([0, 0, 1, 1, 2, 2, 3, 3], 4)
+    interleaved = LoRABatchMapping.from_token_slots([0, 1] * 8, 2)
+    assert torch_ops.choose_formulation(prefill) == "batched"
+    assert torch_ops.choose_formulation(slot_ordered) == "batched"
+    assert torch_ops.choose_formulation(interleaved) in ("grouped", "segments")

@@ -72,6 +72,12 @@ def test_segment_form_with_several_tiles_per_segment(triton_ops, kernel_device: 
 
 
 @pytest.mark.parametrize("form", ["decode", "segment"])
+def test_b_stored_transposed(triton_ops, kernel_device: str, form: str) -> None:
+    case = make_case(9, 40, 8, 3, (16, 8), device=kernel_device, b_transposed=True)
+    _check(triton_ops, case, form)
+
+
+@pytest.mark.parametrize("form", ["decode", "segment"])
 def test_strided_rows(triton_ops, kernel_device: str, form: str) -> None:
     case = make_case(6, 40, 8, 2, (16, 8), device=kernel_device)
     wide_x = torch.zeros(6, 64, device=kernel_device)
