@@ -126,22 +126,30 @@ def _unpadded(batch: torch.Tensor, group: SlotGroup) -> torch.Tensor:
 def _shrink_batched(x, lora_a, mapping, n_slices, out):
     if mapping.num_active_tokens < mapping.num_tokens:
         out.zero_()
+    a_t = lora_a.transpose(1, 2)  # [S, in, nR], a view
     for g in mapping.slot_groups:
-        a = lora_a[g.lo : g.hi].transpose(1, 2)  # [G, in, nR], a view
         rows = out[g.start : g.end]  # [rows, nR]
+        xs = _padded(x[g.start : g.end], g)  # [G, L, in]
         if g.scatter is None and out.dtype == x.dtype:
-            torch.bmm(_padded(x[g.start : g.end], g), a, out=rows.view(g.hi - g.lo, g.max_len, -1))
+            torch.bmm(xs, a_t[g.lo : g.hi], out=rows.view(g.hi - g.lo, g.max_len, -1))
         else:
-            rows.copy_(_unpadded(torch.bmm(_padded(x[g.start : g.end], g), a), g))  # [G, L, nR] -> rows
+            rows.copy_(_unpadded(torch.bmm(xs, a_t[g.lo : g.hi]), g))  # [G, L, nR] -> rows
     return out
 
 
 def _expand_batched(y, lora_b, mapping, out, slice_offsets):
+    widths = [hi - lo for lo, hi in zip(slice_offsets[:-1], slice_offsets[1:])]
+    # split_with_sizes: Tensor.split is a Python wrapper, too slow for ~200 calls per step
+    b_slices = lora_b.transpose(1, 2).split_with_sizes(widths, dim=2)  # each [S, R, N_i], views
+    ranks = [lora_b.shape[2]] * len(widths)
     for g in mapping.slot_groups:
-        ys = _padded(y[g.start : g.end].to(out.dtype), g)  # [G, L, nR]
-        for y_cols, o_cols in _slices(slice_offsets, lora_b.shape[2]):
-            b = lora_b[g.lo : g.hi, o_cols].transpose(1, 2)  # [G, R, N_i], a view
-            out[g.start : g.end, o_cols].add_(_unpadded(torch.bmm(ys[:, :, y_cols], b), g))
+        ys = _padded(y[g.start : g.end].to(out.dtype), g).split_with_sizes(ranks, dim=2)  # each [G, L, R]
+        outs = out[g.start : g.end].split_with_sizes(widths, dim=1)  # each [rows, N_i]
+        for y_i, b_i, out_i in zip(ys, b_slices, outs):
+            if g.hi - g.lo == 1:  # one slot (a prompt, or one adapter's decodes): in place, no temporary
+                out_i.addmm_(y_i[0], b_i[g.lo])  # [rows, N_i]
+            else:
+                out_i.add_(_unpadded(torch.bmm(y_i, b_i[g.lo : g.hi]), g))  # [G, L, N_i] -> rows
     return out
 
 
