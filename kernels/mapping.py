@@ -26,9 +26,9 @@ __all__ = ["LoRABatchMapping", "SlotGroup"]
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
-# A slot group may pad each slot's tokens to its longest run and include a few idle slots, as
-# long as its padded size stays within this factor of its real rows (plus one row per slot).
-_MAX_GROUP_PADDING = 2
+# A run joins a slot group when the padding that adds costs less than a group of its own: one
+# more GEMM per slice costs about as much as this many more padded rows (CPU, small models).
+_GROUP_COST_IN_ROWS = 16
 # Idle slots a group may step over: reading one idle slot's weights is cheaper than a new GEMM.
 _MAX_SLOT_GAP = 2
 
@@ -227,21 +227,23 @@ def _runs(slots: torch.Tensor) -> tuple[tuple[int, int, int], ...]:
 
 def _slot_groups(runs: tuple[tuple[int, int, int], ...], device: torch.device) -> tuple[SlotGroup, ...]:
     """Greedy in batch order: a run joins the open group when it starts where the group ends, its
-    slot is above the group's last within `_MAX_SLOT_GAP` idle slots, and the padded batch stays
-    within `_MAX_GROUP_PADDING` times the real rows."""
+    slot is above the group's last within `_MAX_SLOT_GAP` idle slots, and the padded batch grows by
+    less than the run's rows plus `_GROUP_COST_IN_ROWS`."""
     groups: list[SlotGroup] = []
     members: list[tuple[int, int, int]] = []
+    max_len = 0
     for slot, start, end in runs:
         if members:
-            last_slot, _, last_end = members[-1]
-            slots = slot + 1 - members[0][0]
-            max_len = max(end - start, *(e - b for _, b, e in members))
-            rows = end - members[0][1]
-            fits = slots * max_len <= _MAX_GROUP_PADDING * rows + slots
-            if start != last_end or not 0 < slot - last_slot <= _MAX_SLOT_GAP + 1 or not fits:
-                groups.append(_make_group(members, device))
-                members = []
-        members.append((slot, start, end))
+            first_slot, (last_slot, _, last_end) = members[0][0], members[-1]
+            padded = (last_slot + 1 - first_slot) * max_len
+            joined = (slot + 1 - first_slot) * max(max_len, end - start)
+            rising = 0 < slot - last_slot <= _MAX_SLOT_GAP + 1
+            if start == last_end and rising and joined <= padded + (end - start) + _GROUP_COST_IN_ROWS:
+                members.append((slot, start, end))
+                max_len = max(max_len, end - start)
+                continue
+            groups.append(_make_group(members, device))
+        members, max_len = [(slot, start, end)], end - start
     if members:
         groups.append(_make_group(members, device))
     return tuple(groups)

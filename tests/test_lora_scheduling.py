@@ -70,6 +70,27 @@ def test_at_most_max_loras_adapters_per_step(tiny, adapters, max_loras: int) -> 
     assert max(len({s.lora_name for s in b.sequences} - {None}) for b in batches) == max_loras
 
 
+def test_each_step_orders_its_sequences_by_slot(tiny, adapters) -> None:
+    """Prefills, then decodes, each in slot order with the base model first: the CPU LoRA path then
+    batches a decode step's adapters into one GEMM per slice."""
+    engine = lora_engine(tiny.path("llama"), max_loras=4, max_cpu_loras=len(NAMES))
+    batches = record_batches(engine)
+    lanes = ["C", None, "A", "D", "B", None, "A", "C", "D", "B", "E", "A"]
+    for i, name in enumerate(lanes):
+        engine.add_request(f"r{i:02d}", PROMPTS[i % len(PROMPTS)], greedy(3 + i % 4),
+                           lora_request=adapters.requests[name] if name else None)
+    orders = []
+
+    def check(step: int) -> None:
+        for part in (batches[-1].prefills, batches[-1].decodes):
+            slots = [engine.lora_manager.slot_of(s.lora_name) for s in part]
+            assert slots == sorted(slots), f"step {step}: slots {slots}"
+            orders.append(slots)
+
+    step_until_done(engine, on_step=check)
+    assert any(len(set(slots)) >= 3 for slots in orders)  # several adapters shared a step
+
+
 @pytest.mark.parametrize("max_loras", [1, 2])
 def test_no_starvation_under_a_steady_stream_for_other_adapters(tiny, adapters, max_loras: int) -> None:
     """Every step brings a new request for each of max_loras busy adapters, so their slots are never

@@ -25,6 +25,36 @@ def test_groups_active_tokens_by_slot_in_batch_order() -> None:
         assert t.dtype == torch.int32
 
 
+def _groups(slots: list[int]) -> list[tuple[int, int, int, int, int, bool]]:
+    mapping = LoRABatchMapping.from_token_slots(slots, 16)
+    return [(g.lo, g.hi, g.max_len, g.start, g.end, g.gather is not None) for g in mapping.slot_groups]
+
+
+def test_slot_groups_batch_rising_slots_without_copies() -> None:
+    # slot order, equal runs: one group whose rows are the padded batch as they stand
+    assert _groups([3, 3, 4, 4, 5, 5]) == [(3, 6, 2, 0, 6, False)]
+    # base-only tokens and a falling slot start new groups
+    assert _groups([-1, 0, 1, -1, 1, 0]) == [(0, 2, 1, 1, 3, False), (1, 2, 1, 4, 5, False), (0, 1, 1, 5, 6, False)]
+
+
+def test_slot_groups_pad_uneven_runs_and_idle_slots() -> None:
+    mapping = LoRABatchMapping.from_token_slots([0, 0, 0, 1, 3], 16)  # slot 2 idle, runs 3, 1, 1
+    (group,) = mapping.slot_groups
+    assert (group.lo, group.hi, group.max_len, group.start, group.end) == (0, 4, 3, 0, 5)
+    # padded position g * 3 + l holds token l of slot g; padding repeats row 0
+    assert group.gather.tolist() == [0, 1, 2, 3, 0, 0, 0, 0, 0, 4, 0, 0]
+    assert group.scatter.tolist() == [0, 1, 2, 3, 9]
+
+
+def test_slot_groups_split_where_padding_would_dominate() -> None:
+    # a 40-token prompt beside one-token runs would pad every slot to 40 rows
+    assert _groups([0] * 40 + [1, 2, 3]) == [(0, 1, 40, 0, 40, False), (1, 4, 1, 40, 43, False)]
+    # uneven decode runs pad a little and stay together
+    assert _groups([0, 0, 0, 1, 2, 3, 4, 5, 6, 7]) == [(0, 8, 3, 0, 10, True)]
+    # more than two idle slots between runs: reading their weights would cost more than a GEMM
+    assert _groups([0, 4]) == [(0, 1, 1, 0, 1, False), (4, 5, 1, 1, 2, False)]
+
+
 def test_segment_tiles_never_straddle_segments_and_are_cached() -> None:
     m = LoRABatchMapping.from_token_slots(SLOTS, num_slots=4)
     tiles, n = m.segment_tiles(2)
