@@ -5,8 +5,8 @@ rank 16. Each formulation in `loraplex.kernels.torch_ops.FORMULATIONS` runs shri
 (what `lora_apply` does) for the four wrapped modules of one decoder layer; the script prints
 the median time per layer and per module, side by side, plus what `choose_formulation` picks
 and what the public `lora_apply` (checks and choice included) costs. Every formulation's output
-is checked against the reference before it is timed. A second table compares "runs" with
-"batched" as runs of same-adapter tokens get shorter.
+is checked against the reference before it is timed. A second table compares "batched" with
+"grouped" as a step's order forms more slot groups (where the default switches).
 
     .venv/bin/python benchmarks/bench_lora_cpu_ops.py [--dtype fp32|bf16] [--threads N]
 """
@@ -124,26 +124,27 @@ def run(dtype: torch.dtype) -> None:
 
 
 def crossover(dtype: torch.dtype) -> None:
-    """"runs" against "batched" as runs get shorter."""
-    print("runs vs batched, one layer (qkv + o + gate_up + down), by run length")
-    print(f"{'tokens':>6s} {'run len':>7s} {'adapters':>8s} {'runs':>11s} {'batched':>11s}   default")
-    for tokens, run_len, adapters in [(512, 128, 4), (512, 64, 4), (512, 32, 4), (512, 16, 4), (64, 8, 8), (16, 2, 8)]:
-        slots = [(i // run_len) % adapters for i in range(tokens)]
-        mapping = LoRABatchMapping.from_token_slots(torch.tensor(slots), adapters)
-        totals = {}
-        for name in ("runs", "batched"):
-            totals[name] = 0.0
+    """"batched" against "grouped" as a 16-token step over 8 adapters forms more slot groups."""
+    print("batched vs grouped, one layer (qkv + o + gate_up + down), T=16 over 8 adapters, by slot groups")
+    print(f"{'order':>28s} {'groups':>6s} {'batched':>11s} {'grouped':>11s}   default")
+    names = [n for n in ("batched", "grouped") if n in torch_ops.FORMULATIONS]
+    for blocks in (1, 2, 3, 4, 5, 8):
+        # `blocks` interleaved slices of the tokens, each in slot order: about that many groups
+        slots = [s for b in range(blocks) for s in sorted(i % 8 for i in range(16))[b::blocks]]
+        mapping = LoRABatchMapping.from_token_slots(torch.tensor(slots), 8)
+        totals = dict.fromkeys(names, 0.0)
+        for name in names:
             for mod in MODULES:
                 n_slices, n_total = len(mod.slice_offsets) - 1, mod.slice_offsets[-1]
-                x = torch.randn(tokens, mod.in_features, dtype=dtype)  # [T, in]
-                lora_a = torch.randn(adapters, n_slices * RANK, mod.in_features, dtype=dtype)
-                lora_b = _b_as_stored(torch.randn(adapters, n_total, RANK, dtype=dtype))
-                out = torch.zeros(tokens, n_total, dtype=dtype)  # [T, N]
+                x = torch.randn(16, mod.in_features, dtype=dtype)  # [T, in]
+                lora_a = torch.randn(8, n_slices * RANK, mod.in_features, dtype=dtype)
+                lora_b = _b_as_stored(torch.randn(8, n_total, RANK, dtype=dtype))
+                out = torch.zeros(16, n_total, dtype=dtype)  # [T, N]
                 step = _apply_step(name, x, lora_a, lora_b, mapping, out, mod.slice_offsets)
                 totals[name] += median_seconds(step, min_time=0.15, repeats=5)
-        chosen = torch_ops.choose_formulation(mapping)
-        print(f"{tokens:6d} {run_len:7d} {adapters:8d} {totals['runs'] * 1e6:9.1f}us "
-              f"{totals['batched'] * 1e6:9.1f}us   {chosen}")
+        cells = " ".join(f"{totals[n] * 1e6:9.1f}us" for n in names)
+        label = f"{blocks} sorted block(s)"
+        print(f"{label:>28s} {len(mapping.slot_groups):6d} {cells}   {torch_ops.choose_formulation(mapping)}")
     print()
 
 

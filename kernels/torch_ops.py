@@ -9,12 +9,9 @@ numbers behind the default rule in `choose_formulation`:
   and the rows are views of `x` / `out` unless padding needs a small gather;
 - "grouped": `torch.nn.functional.grouped_mm` over the tokens sorted by slot, one group per
   slot (empty groups for idle slots): no weight copies, no per-slot Python loop;
-- "runs": one in-place `mm` / `addmm_` per run of consecutive tokens sharing a slot (a prefill
-  request's tokens are contiguous), no gathers or copies at all;
 - "segments": gather the active tokens grouped by slot, one `mm` per (slot, slice), scatter back;
-- "gather_bmm": gather each token's A and B, then one `bmm` per slice (weights copied per token);
-- "dense": multiply by every active slot's A at once and keep each token's block (one GEMM,
-  A times more flops, no per-slot Python loop).
+- "gather_bmm": gather each token's A and B, then one `bmm` per slice (weights copied per token):
+  the textbook formulation, the torch baseline of the GPU benchmark.
 
 Math runs in the inputs' dtype (torch's CPU GEMMs accumulate fp16/bf16 in fp32) and is cast to
 `out`'s dtype at the end. Arguments are assumed checked (see `loraplex.kernels.validation`).
@@ -52,7 +49,7 @@ _HAS_GROUPED_MM = _grouped_mm_works_on_cpu()
 # "batched" issues a fixed number of ops per slot group: it wins while a step's tokens form few
 # groups (the engine orders them by slot) or long ones. A batch in arbitrary order forms about one
 # group per token; "grouped" gathers it into slot order first (measured, see docs/kernels.md).
-BATCHED_MAX_GROUPS = 4
+BATCHED_MAX_GROUPS = 3
 BATCHED_MIN_ROWS_PER_GROUP = 16
 
 
@@ -195,28 +192,6 @@ def _expand_grouped(y, lora_b, mapping, out, slice_offsets):
     return out
 
 
-# --- runs: contiguous tokens of one slot, views only ----------------------------------------------
-
-
-def _shrink_runs(x, lora_a, mapping, n_slices, out):
-    if mapping.num_active_tokens < mapping.num_tokens:
-        out.zero_()
-    for slot, start, end in mapping.runs_host:
-        if out.dtype == x.dtype:
-            torch.mm(x[start:end], lora_a[slot].t(), out=out[start:end])  # [L, nR], in place
-        else:
-            out[start:end] = x[start:end] @ lora_a[slot].t()  # an fp32 y for half inputs
-    return out
-
-
-def _expand_runs(y, lora_b, mapping, out, slice_offsets):
-    for slot, start, end in mapping.runs_host:
-        for y_cols, o_cols in _slices(slice_offsets, lora_b.shape[2]):
-            yi = y[start:end, y_cols].to(out.dtype)  # [L, R]
-            out[start:end, o_cols].addmm_(yi, lora_b[slot, o_cols].t())  # [L, N_i]
-    return out
-
-
 # --- segments: gather grouped by slot, mm per (slot, slice), scatter ------------------------------
 
 
@@ -265,39 +240,10 @@ def _expand_gather_bmm(y, lora_b, mapping, out, slice_offsets):
     return out
 
 
-# --- dense: all active slots at once, keep each token's block -------------------------------------
-
-
-def _shrink_dense(x, lora_a, mapping, n_slices, out):
-    ids = mapping.sorted_token_ids  # [Ta]
-    n_r = lora_a.shape[1]
-    a = lora_a.index_select(0, mapping.seg_slots).reshape(-1, lora_a.shape[2])  # [A*nR, in]
-    y_all = (x.index_select(0, ids) @ a.t()).view(ids.numel(), -1, n_r)  # [Ta, A, nR]
-    ys = y_all[torch.arange(ids.numel(), device=x.device), mapping.token_segment]  # [Ta, nR]
-    return _scatter_rows(out, ids, ys, zero=True)
-
-
-def _expand_dense(y, lora_b, mapping, out, slice_offsets):
-    ids = mapping.sorted_token_ids  # [Ta]
-    rank = lora_b.shape[2]
-    n_seg = mapping.num_segments
-    rows = torch.arange(ids.numel(), device=out.device)  # [Ta]
-    ys = y.index_select(0, ids).to(out.dtype)  # [Ta, nR]
-    b = lora_b.index_select(0, mapping.seg_slots)  # [A, N, R]
-    for y_cols, o_cols in _slices(slice_offsets, rank):
-        y_blk = ys.new_zeros(ids.numel(), n_seg, rank)  # [Ta, A, R]
-        y_blk[rows, mapping.token_segment] = ys[:, y_cols]
-        b_cat = b[:, o_cols].permute(1, 0, 2).reshape(-1, n_seg * rank)  # [N_i, A*R]
-        out[:, o_cols].index_add_(0, ids, y_blk.view(ids.numel(), -1) @ b_cat.t())  # [Ta, N_i]
-    return out
-
-
 FORMULATIONS: dict[str, tuple[ShrinkFn, ExpandFn]] = {
     "batched": (_shrink_batched, _expand_batched),
     "segments": (_shrink_segments, _expand_segments),
-    "runs": (_shrink_runs, _expand_runs),
     "gather_bmm": (_shrink_gather_bmm, _expand_gather_bmm),
-    "dense": (_shrink_dense, _expand_dense),
 }
 if _HAS_GROUPED_MM:
     FORMULATIONS["grouped"] = (_shrink_grouped, _expand_grouped)
