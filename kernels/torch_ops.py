@@ -135,14 +135,14 @@ def _shrink_batched(x, lora_a, mapping, n_slices, out):
 
 
 def _expand_batched(y, lora_b, mapping, out, slice_offsets):
-    widths = [hi - lo for lo, hi in zip(slice_offsets[:-1], slice_offsets[1:])]
+    widths = [hi - lo for lo, hi in zip(slice_offsets[:-1], slice_offsets[1:], strict=True)]
     # split_with_sizes: Tensor.split is a Python wrapper, too slow for ~200 calls per step
     b_slices = lora_b.transpose(1, 2).split_with_sizes(widths, dim=2)  # each [S, R, N_i], views
     ranks = [lora_b.shape[2]] * len(widths)
     for g in mapping.slot_groups:
         ys = _padded(y[g.start : g.end].to(out.dtype), g).split_with_sizes(ranks, dim=2)  # each [G, L, R]
         outs = out[g.start : g.end].split_with_sizes(widths, dim=1)  # each [rows, N_i]
-        for y_i, b_i, out_i in zip(ys, b_slices, outs):
+        for y_i, b_i, out_i in zip(ys, b_slices, outs, strict=True):
             if g.hi - g.lo == 1:  # one slot (a prompt, or one adapter's decodes): in place, no temporary
                 out_i.addmm_(y_i[0], b_i[g.lo])  # [rows, N_i]
             else:
