@@ -1,7 +1,7 @@
 """Compare the torch formulations of LoRA shrink+expand on CPU at the embedded model's shapes.
 
-SmolLM2-135M: hidden 576, packed q/k/v out 576/192/192, gate/up 1536/1536, down 1536 -> 576,
-rank 16. Each formulation in `loraplex.kernels.torch_ops.FORMULATIONS` runs shrink then expand
+SmolLM2-135M: hidden 576, packed q/k/v out 576/192/192, o 576, gate/up 1536/1536, down
+1536 -> 576, rank 16. Each formulation in `loraplex.kernels.torch_ops.FORMULATIONS` runs shrink then expand
 (what `lora_apply` does) for the four wrapped modules of one decoder layer; the script prints
 the median time per layer and per module, side by side, plus what `choose_formulation` picks
 and what the public `lora_apply` (checks and choice included) costs. Every formulation's output

@@ -33,7 +33,7 @@ _GROUP_COST_IN_ROWS = 16
 _MAX_SLOT_GAP = 2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SlotGroup:
     """Batch rows [start, end) whose runs use slots rising within [lo, hi), as one padded batch.
 
@@ -228,7 +228,7 @@ def _runs(slots: torch.Tensor) -> tuple[tuple[int, int, int], ...]:
 def _slot_groups(runs: tuple[tuple[int, int, int], ...], device: torch.device) -> tuple[SlotGroup, ...]:
     """Greedy in batch order: a run joins the open group when it starts where the group ends, its
     slot is above the group's last within `_MAX_SLOT_GAP` idle slots, and the padded batch grows by
-    less than the run's rows plus `_GROUP_COST_IN_ROWS`."""
+    at most the run's rows plus `_GROUP_COST_IN_ROWS`."""
     groups: list[SlotGroup] = []
     members: list[tuple[int, int, int]] = []
     max_len = 0

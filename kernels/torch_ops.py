@@ -32,7 +32,6 @@ ShrinkFn = Callable[[torch.Tensor, torch.Tensor, LoRABatchMapping, int, torch.Te
 ExpandFn = Callable[[torch.Tensor, torch.Tensor, LoRABatchMapping, torch.Tensor, Sequence[int]], torch.Tensor]
 
 
-
 def _grouped_mm_works_on_cpu() -> bool:
     """Recent torch has `F.grouped_mm` with a CPU kernel; older torch falls back to "segments"."""
     if not hasattr(F, "grouped_mm"):
@@ -116,7 +115,7 @@ def _padded(rows: torch.Tensor, group: SlotGroup) -> torch.Tensor:
 
 def _unpadded(batch: torch.Tensor, group: SlotGroup) -> torch.Tensor:
     """The inverse of `_padded`: [G, L, C] -> the group's rows [end - start, C]."""
-    flat = batch.view(-1, batch.shape[2])
+    flat = batch.flatten(0, 1)  # not view(-1, C): a zero-width slice has no -1 to infer
     return flat if group.scatter is None else flat.index_select(0, group.scatter)
 
 
@@ -181,8 +180,9 @@ def _shrink_grouped(x, lora_a, mapping, n_slices, out):
 
 
 def _expand_grouped(y, lora_b, mapping, out, slice_offsets):
-    if not _aligned(lora_b) or lora_b.shape[2] * out.element_size() % 16:
-        return _expand_segments(y, lora_b, mapping, out, slice_offsets)  # odd rank
+    size = out.element_size()
+    if not _aligned(lora_b) or any(n * size % 16 for n in (lora_b.shape[2], *slice_offsets)):
+        return _expand_segments(y, lora_b, mapping, out, slice_offsets)  # odd rank or slice start
     ids = mapping.sorted_token_ids  # [Ta]
     lo, hi, ends = _active_slot_range(mapping)
     ys = y.index_select(0, ids).to(out.dtype)  # [Ta, nR]

@@ -33,7 +33,7 @@ class LoRALinear(nn.Module):
         self._checked = False  # the kernel arguments are checked on the first call only: see forward
         # views into the manager's per-slot storage (see slot_layout), not owned here
         self.lora_a = lora_a  # [S, n_slices * R, in]
-        self.lora_b = lora_b  # [S, N, R]
+        self.lora_b = lora_b  # [S, N, R], stored transposed: strides (numel, 1, N)
 
     @property
     def in_features(self) -> int:
@@ -49,6 +49,6 @@ class LoRALinear(nn.Module):
         if mapping is not None and mapping.any_active:
             # later calls pass the same weights and activations of the same width, dtype and device
             lora_apply(x, self.lora_a, self.lora_b, mapping, out, self.slice_offsets, check=not self._checked)
-            if not self._checked:
+            if not self._checked:  # a plain assignment every call would cost nn.Module.__setattr__
                 self._checked = True
         return out

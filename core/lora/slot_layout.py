@@ -3,8 +3,9 @@
 Every slot is one contiguous row of `[S, numel]`; each LoRALinear views its part as
 `lora_a [S, n_slices * R, in]` and `lora_b [S, N, R]`. B is stored transposed (`[R, N]` in
 memory, so `lora_b` has strides `(numel, 1, N)`): the expand GEMM then reads whole rows of N
-contiguous values, measured ~1.7x faster on CPU than `[N, R]` rows of R values. An adapter is kept on the CPU as one flat
-"slot image" in the same layout, so activating it is a single copy, whatever its shape.
+contiguous values, measured ~1.7x faster on CPU than `[N, R]` rows of R values. An adapter is
+kept on the CPU as one flat "slot image" in the same layout, so activating it is a single copy,
+whatever its shape.
 """
 
 from __future__ import annotations

@@ -103,6 +103,16 @@ def test_one_mapping_serves_modules_of_different_shapes() -> None:
         assert_close(out, reference_expand(case, reference_shrink(case)))
 
 
+def test_unchecked_apply_matches_and_still_refuses_a_stale_mapping() -> None:
+    case = make_case(8, 32, 4, 3, (16, 8))
+    expected = reference_expand(case, reference_shrink(case))
+    out = lora_apply(case.x, case.lora_a, case.lora_b, case.mapping(), case.base.clone(), case.offsets, check=False)
+    assert_close(out, expected)
+    stale = LoRABatchMapping.from_token_slots([0, 1, 2], 3)  # built for another step's 3 tokens
+    with pytest.raises(ValueError, match=r"built for T=8 tokens .* got one for 3"):
+        lora_apply(case.x, case.lora_a, case.lora_b, stale, case.base.clone(), case.offsets, check=False)
+
+
 def test_skips_all_work_when_no_token_uses_lora(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*args, **kwargs):
         raise AssertionError("no LoRA work should run")
