@@ -144,6 +144,8 @@ def _expand_batched(y, lora_b, mapping, out, slice_offsets):
         for y_i, b_i, out_i in zip(ys, b_slices, outs, strict=True):
             if g.hi - g.lo == 1:  # one slot (a prompt, or one adapter's decodes): in place, no temporary
                 out_i.addmm_(y_i[0], b_i[g.lo])  # [rows, N_i]
+            elif g.scatter is None and out_i.is_contiguous():  # in place (strided in place is slower)
+                out_i.view(g.hi - g.lo, g.max_len, -1).baddbmm_(y_i, b_i[g.lo : g.hi])  # [G, L, N_i]
             else:
                 out_i.add_(_unpadded(torch.bmm(y_i, b_i[g.lo : g.hi]), g))  # [G, L, N_i] -> rows
     return out

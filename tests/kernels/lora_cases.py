@@ -42,7 +42,8 @@ class Case:
 
 
 def slot_pattern(kind: str, num_tokens: int, num_slots: int, seed: int = 0) -> list[int]:
-    """"decode": random slots with some -1; "prefill": runs of one slot; "none": all -1."""
+    """"decode": random slots with some -1; "prefill": runs of one slot; "ordered": equal runs over
+    rising slots; "spread": high slots too; "none": all -1."""
     g = torch.Generator().manual_seed(seed)
     if kind == "none":
         return [-1] * num_tokens
@@ -52,6 +53,9 @@ def slot_pattern(kind: str, num_tokens: int, num_slots: int, seed: int = 0) -> l
         chunk = max(1, -(-num_tokens // 4))
         p, q = torch.randint(0, num_slots, (2,), generator=g).tolist()
         return [(p, q, -1, p)[i // chunk] for i in range(num_tokens)]
+    if kind == "ordered":  # as the engine orders a step: equal runs over rising slots (no padding)
+        per_slot = max(1, num_tokens // num_slots)
+        return [min(i // per_slot, num_slots - 1) for i in range(num_tokens)]
     if kind == "spread":  # tokens on the highest slots too
         return [(num_slots - 1 - i * 7) % num_slots if i % 5 else -1 for i in range(num_tokens)]
     raise ValueError(kind)

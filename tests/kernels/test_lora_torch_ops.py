@@ -14,7 +14,7 @@ RANKS = (1, 8, 16, 64)
 HIDDEN = (33, 64, 129)
 SLOTS = (1, 3, 64)
 WIDTHS = ((24,), (24, 8), (40, 8, 8), (24, 0, 8))
-PATTERNS = ("decode", "prefill", "spread")
+PATTERNS = ("decode", "prefill", "spread", "ordered")
 GRID = list(itertools.product(RANKS, HIDDEN, SLOTS, WIDTHS))
 
 
