@@ -64,7 +64,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
     )
     lora = {"max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank, "max_cpu_loras": args.max_cpu_loras}
     kwargs.update({key: value for key, value in lora.items() if value is not None})
-    kwargs["enable_lora"] = args.enable_lora or bool(args.lora_modules)
+    kwargs["enable_lora"] = args.enable_lora or bool(args.lora_modules) or args.lora is not None
     return kwargs
 
 
@@ -81,7 +81,6 @@ def _generate(args: argparse.Namespace) -> int:
     from .sampling_params import SamplingParams
 
     kwargs = _engine_kwargs(args)
-    kwargs["enable_lora"] = kwargs["enable_lora"] or args.lora is not None
     llm = LLM(kwargs.pop("model"), **kwargs)
     _add_lora_modules(llm, args.lora_modules)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,

@@ -126,10 +126,11 @@ def _shrink_batched(x, lora_a, mapping, n_slices, out):
     for g in mapping.slot_groups:
         rows = out[g.start : g.end]  # [rows, nR]
         xs = _padded(x[g.start : g.end], g)  # [G, L, in]
-        if g.scatter is None and g.max_len == 1 and out.dtype == x.dtype:  # A @ x streams A ~8% faster
-            torch.bmm(lora_a[g.lo : g.hi], xs.transpose(1, 2), out=rows.view(g.hi - g.lo, -1, 1))
-        elif g.scatter is None and out.dtype == x.dtype:
-            torch.bmm(xs, a_t[g.lo : g.hi], out=rows.view(g.hi - g.lo, g.max_len, -1))
+        if g.scatter is None and out.dtype == x.dtype:  # straight into the rows
+            if g.max_len == 1:  # one token per slot: A @ x streams A ~8% faster than x @ Aᵀ
+                torch.bmm(lora_a[g.lo : g.hi], xs.transpose(1, 2), out=rows.view(g.hi - g.lo, -1, 1))
+            else:
+                torch.bmm(xs, a_t[g.lo : g.hi], out=rows.view(g.hi - g.lo, g.max_len, -1))
         else:
             rows.copy_(_unpadded(torch.bmm(xs, a_t[g.lo : g.hi]), g))  # [G, L, nR] -> rows
     return out
