@@ -27,6 +27,11 @@ def cache_dir() -> Path:
     return base / "loraplex"
 
 
+def cpu_kernel_enabled() -> bool:
+    """`LORAPLEX_CPU_KERNEL`: build and use the native CPU LoRA kernel (default on; 0 = torch only)."""
+    return _flag("LORAPLEX_CPU_KERNEL", default=True)
+
+
 def cpu_kv_cache_space_bytes() -> int | None:
     """`VLLM_CPU_KVCACHE_SPACE`: KV cache size on CPU in GiB (vLLM's name and unit)."""
     value = os.environ.get("VLLM_CPU_KVCACHE_SPACE")

@@ -5,7 +5,8 @@ Modules, one concept each:
     mapping      LoRABatchMapping: the per-step grouping of tokens by slot, built once per forward
     validation   argument checks shared by every backend (ValueError naming the argument and fix)
     reference    the oracle: plain per-token torch
-    torch_ops    the CPU path: torch formulations, the fastest one chosen per batch shape
+    torch_ops    torch formulations, the fastest one chosen per batch shape (any device, any dtype)
+    native_cpu   the CPU path for float32: a C++ kernel built on first use (csrc/lora_cpu.cpp)
     triton_ops   the GPU path: Triton kernels, decode form and segment form
     dispatch     the public operations and the backend choice
 

@@ -4,7 +4,8 @@ Rules (the first that applies wins):
 
 1. a `backend=` argument of the call;
 2. the process-wide choice made with `set_backend(...)` or inside `with use_backend(...)`;
-3. automatic: "triton" for CUDA tensors when Triton imports, otherwise "torch".
+3. automatic: "triton" for CUDA tensors when Triton imports; "cpu" (the native CPU kernel, see
+   `native_cpu`) for CPU tensors when it builds and takes the operands; otherwise "torch".
 
 "triton" on CPU tensors works only when Triton runs interpreted (`TRITON_INTERPRET=1` set before
 Triton was first imported, as the tests do); anything else is a `ValueError` saying so.
@@ -20,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from . import reference, torch_ops
+from . import native_cpu, reference, torch_ops
 from .mapping import LoRABatchMapping
 from .validation import check_apply, check_expand, check_shrink
 
@@ -37,8 +38,8 @@ __all__ = [
     "triton_available",
 ]
 
-Backend = Literal["reference", "torch", "triton"]
-BACKENDS: tuple[str, ...] = ("reference", "torch", "triton")
+Backend = Literal["reference", "torch", "cpu", "triton"]
+BACKENDS: tuple[str, ...] = ("reference", "torch", "cpu", "triton")
 
 _forced: str | None = None
 
@@ -86,10 +87,16 @@ def triton_available() -> bool:
 
 
 def resolve_backend(device: torch.device, backend: Backend | None = None) -> Backend:
-    """The backend a call on `device` would use, after the rules in this module's docstring."""
+    """The backend a call on `device` would use, after the rules in this module's docstring.
+
+    An automatic "cpu" still gives way to "torch" for operands the kernel does not take (not
+    float32, say): `native_cpu.unsupported_reason` decides, per call.
+    """
     name = _checked_name(backend, "loraplex.kernels") or _forced
     if name is None:
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        return "cpu" if device.type == "cpu" and native_cpu.available() else "torch"
     if name == "triton":
         module = _triton_module()
         if module is None:
@@ -102,7 +109,25 @@ def resolve_backend(device: torch.device, backend: Backend | None = None) -> Bac
                 f"LoRA backend 'triton' needs CUDA tensors; got tensors on {device}. Move them to a GPU, "
                 "use backend 'torch', or set TRITON_INTERPRET=1 before Triton is imported to interpret the kernels."
             )
+    if name == "cpu" and not native_cpu.available():
+        raise ValueError(
+            f"LoRA backend 'cpu' was requested but the native CPU kernel is unavailable "
+            f"({native_cpu.unavailable_reason()}). Install a C++ compiler, or use backend 'torch'."
+        )
     return name  # type: ignore[return-value]
+
+
+def _backend_for(device: torch.device, backend: Backend | None, operands: dict[str, torch.Tensor]) -> Backend:
+    """`resolve_backend`, then "cpu" only for operands the native kernel takes."""
+    name = resolve_backend(device, backend)
+    if name != "cpu":
+        return name
+    reason = native_cpu.unsupported_reason(operands)
+    if not reason:
+        return name
+    if (backend or _forced) == "cpu":  # asked for by name: say why it cannot be
+        raise ValueError(f"LoRA backend 'cpu' cannot run these operands: {reason}. Use backend 'torch' for them.")
+    return "torch"
 
 
 def lora_shrink(
@@ -126,7 +151,8 @@ def lora_shrink(
     mapping = mapping or LoRABatchMapping.from_token_slots(token_slots, lora_a.shape[0], device=x.device)
     if not mapping.any_active:
         return out.zero_()
-    return _impl(resolve_backend(x.device, backend)).shrink(x, lora_a, mapping, n_slices, out)
+    name = _backend_for(x.device, backend, {"x": x, "lora_a": lora_a, "out": out})
+    return _impl(name).shrink(x, lora_a, mapping, n_slices, out)
 
 
 def lora_expand(
@@ -147,7 +173,8 @@ def lora_expand(
     mapping = mapping or LoRABatchMapping.from_token_slots(token_slots, lora_b.shape[0], device=out.device)
     if not mapping.any_active:
         return out
-    return _impl(resolve_backend(out.device, backend)).expand(y, lora_b, mapping, out, offsets)
+    name = _backend_for(out.device, backend, {"y": y, "lora_b": lora_b, "out": out})
+    return _impl(name).expand(y, lora_b, mapping, out, offsets)
 
 
 def lora_apply(
@@ -163,8 +190,8 @@ def lora_apply(
 ) -> torch.Tensor:
     """out += expand(shrink(x)): the whole LoRA delta of one wrapped linear, in place.
 
-    Returns at once when no token uses a LoRA. The intermediate is float32 on the Triton and
-    reference paths (no extra rounding) and x's dtype on the torch path (no weight casts).
+    Returns at once when no token uses a LoRA. The intermediate is float32 on the Triton, cpu
+    and reference paths (no extra rounding) and x's dtype on the torch path (no weight casts).
     `check=False` skips the argument checks (12 to 25 µs a call) but for the mapping's token
     count: for callers whose arguments keep the shapes, dtypes and devices of a call that was
     checked, like a model's layers.
@@ -180,7 +207,9 @@ def lora_apply(
             )
     if not mapping.any_active:
         return out
-    name = resolve_backend(x.device, backend)
+    name = _backend_for(x.device, backend, {"x": x, "lora_a": lora_a, "lora_b": lora_b, "out": out})
+    if name == "cpu":  # shrink and expand in one call, the intermediate inside the kernel
+        return native_cpu.apply(x, lora_a, lora_b, mapping, out, offsets)
     y_dtype = x.dtype if name == "torch" else torch.float32
     y = torch.empty(x.shape[0], lora_a.shape[1], dtype=y_dtype, device=x.device)  # [T, nR]
     impl = _impl(name)
@@ -191,7 +220,7 @@ def lora_apply(
 def _impl(name: Backend) -> ModuleType:
     if name == "triton":
         return _triton_module()  # type: ignore[return-value]
-    return reference if name == "reference" else torch_ops
+    return {"reference": reference, "torch": torch_ops, "cpu": native_cpu}[name]
 
 
 def _checked_name(name: object, fn: str) -> str | None:

@@ -143,6 +143,11 @@ class LoRABatchMapping:
         return _runs(self._slots_host)
 
     @functools.cached_property
+    def runs_table(self) -> torch.Tensor:
+        """`runs_host` as the native CPU kernel reads it: [n_runs, 3] int64 (start, end, slot)."""
+        return torch.tensor([(start, end, slot) for slot, start, end in self.runs_host], dtype=torch.int64).reshape(-1, 3)
+
+    @functools.cached_property
     def slot_groups(self) -> tuple[SlotGroup, ...]:
         """The runs batched into slot groups (see `SlotGroup`), in batch order; made on first use."""
         return _slot_groups(self.runs_host, self.device)

@@ -12,6 +12,7 @@ from loraplex.kernels import (
     lora_apply,
     lora_expand,
     lora_shrink,
+    native_cpu,
     resolve_backend,
     set_backend,
     torch_ops,
@@ -29,6 +30,9 @@ def _automatic_backend():
 
 
 def test_automatic_choice_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native_cpu, "available", lambda: True)
+    assert resolve_backend(CPU) == "cpu"
+    monkeypatch.setattr(native_cpu, "available", lambda: False)  # no C++ compiler
     assert resolve_backend(CPU) == "torch"
     monkeypatch.setattr(dispatch, "triton_available", lambda: True)
     assert resolve_backend(CUDA) == "triton"
@@ -37,11 +41,12 @@ def test_automatic_choice_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_argument_beats_process_choice_which_beats_automatic() -> None:
+    automatic = resolve_backend(CPU)
     set_backend("reference")
     assert get_backend() == "reference" and resolve_backend(CPU) == "reference"
     assert resolve_backend(CPU, "torch") == "torch"
     set_backend(None)
-    assert get_backend() is None and resolve_backend(CPU) == "torch"
+    assert get_backend() is None and resolve_backend(CPU) == automatic
 
 
 def test_use_backend_restores_even_on_error() -> None:
@@ -53,7 +58,7 @@ def test_use_backend_restores_even_on_error() -> None:
 
 
 def test_unknown_backend_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"set_backend: `backend` must be one of 'reference', 'torch', 'triton'"):
+    with pytest.raises(ValueError, match=r"set_backend: `backend` must be one of 'reference', 'torch', 'cpu', 'triton'"):
         set_backend("cuda")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="got 'tritn'"):
         lora_shrink(torch.zeros(1, 4), torch.zeros(1, 2, 4), torch.zeros(1, dtype=torch.int32), 1, backend="tritn")  # type: ignore[arg-type]
@@ -71,14 +76,17 @@ def test_triton_on_cpu_needs_the_interpreter(triton_ops, monkeypatch: pytest.Mon
         resolve_backend(CPU, "triton")
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_apply_shrink_expand_agree_with_reference(request, backend: str, dtype: torch.dtype) -> None:
     device = "cpu"
     if backend == "triton":
         request.getfixturevalue("triton_ops")
         device = request.getfixturevalue("kernel_device")
-    case = make_case(9, 40, 8, 3, (16, 8, 8), dtype=dtype, slots="decode", device=device)
+    if backend == "cpu" and (dtype != torch.float32 or not native_cpu.available()):
+        pytest.skip("the native CPU kernel takes float32 only (see test_lora_native_cpu.py) and needs a compiler")
+    # B stored as the LoRA manager stores it, which the native CPU kernel requires
+    case = make_case(9, 40, 8, 3, (16, 8, 8), dtype=dtype, slots="decode", device=device, b_transposed=True)
     y_ref = reference_shrink(case)
     out_ref = reference_expand(case, y_ref)
     mapping = case.mapping()

@@ -1,0 +1,173 @@
+// Shrink and expand for fp32 tokens on the CPU, one parallel region per call.
+//
+// A decode step's LoRA work is matrix-vector products: each token reads its adapter's A and B
+// once and does 2 flops per weight. GEMM libraries pack their operands and pay a call per slot,
+// so on these shapes they run well below memory speed. This kernel streams the weights straight
+// from the slot buffers: work items are (run, block of A rows) for shrink and (run, block of
+// output columns) for expand, and the tokens of a run share each weight load.
+//
+// Plain C++ with OpenMP and no torch headers, so it compiles in about a second; loaded into a
+// process that imported torch, it runs in the OpenMP runtime torch loaded (same soname).
+// Built, loaded and called by native_cpu.py, which checks every argument first.
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int kRowBlock = 4;        // rows of A per shrink item: independent accumulators
+constexpr int kTokenBlock = 4;      // tokens of a run that share each weight load
+constexpr int64_t kColBlock = 64;   // output columns per expand item
+constexpr int kLanes = 16;          // accumulator width, mapped to SIMD registers by the compiler
+
+struct Run {  // batch rows [start, end) use adapter slot `slot`
+  int64_t start, end, slot;
+};
+
+// ys[t][r] = rows[r] . xs[t] for NR rows of A and NT tokens.
+template <int NR, int NT>
+inline void shrink_block(const float* const* rows, const float* const* xs, int64_t k_len, float* const* ys) {
+  float acc[NR][NT][kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= k_len; k += kLanes) {
+    for (int t = 0; t < NT; ++t) {
+      const float* x = xs[t] + k;
+      for (int r = 0; r < NR; ++r) {
+        const float* w = rows[r] + k;
+#pragma omp simd
+        for (int l = 0; l < kLanes; ++l) acc[r][t][l] += w[l] * x[l];
+      }
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    for (int r = 0; r < NR; ++r) {
+      float sum = 0.f;
+      for (int l = 0; l < kLanes; ++l) sum += acc[r][t][l];
+      for (int64_t kk = k; kk < k_len; ++kk) sum += rows[r][kk] * xs[t][kk];
+      ys[t][r] = sum;
+    }
+  }
+}
+
+// y[t, 0:NR] = rows . x[t] for the n_tokens rows of one run (x rows sx apart, y rows sy apart).
+template <int NR>
+inline void shrink_run(const float* const* rows, const float* x, int64_t sx, int64_t k_len, float* y, int64_t sy,
+                       int64_t n_tokens) {
+  const float* xs[kTokenBlock];
+  float* ys[kTokenBlock];
+  int64_t t = 0;
+  for (; t + kTokenBlock <= n_tokens; t += kTokenBlock) {
+    for (int i = 0; i < kTokenBlock; ++i) xs[i] = x + (t + i) * sx, ys[i] = y + (t + i) * sy;
+    shrink_block<NR, kTokenBlock>(rows, xs, k_len, ys);
+  }
+  for (; t < n_tokens; ++t) {
+    xs[0] = x + t * sx, ys[0] = y + t * sy;
+    shrink_block<NR, 1>(rows, xs, k_len, ys);
+  }
+}
+
+// outs[t][0:w] += sum_r ys[t][r] * b[r * sbr : r * sbr + w] for NT tokens, w <= kColBlock.
+template <int NT>
+inline void expand_block(const float* b, int64_t sbr, int64_t rank, const float* const* ys, float* const* outs,
+                         int64_t w) {
+  float acc[NT][kColBlock] = {};
+  if (w == kColBlock) {  // the common case, with a trip count the compiler unrolls into registers
+    for (int64_t r = 0; r < rank; ++r) {
+      const float* row = b + r * sbr;
+      for (int t = 0; t < NT; ++t) {
+        const float yv = ys[t][r];
+#pragma omp simd
+        for (int64_t c = 0; c < kColBlock; ++c) acc[t][c] += yv * row[c];
+      }
+    }
+  } else {
+    for (int64_t r = 0; r < rank; ++r) {
+      const float* row = b + r * sbr;
+      for (int t = 0; t < NT; ++t)
+        for (int64_t c = 0; c < w; ++c) acc[t][c] += ys[t][r] * row[c];
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int64_t c = 0; c < w; ++c) outs[t][c] += acc[t][c];
+}
+
+}  // namespace
+
+extern "C" {
+
+// Arguments (element strides; the innermost stride of every tensor is 1):
+//   x [T, K] rows sx apart; A [S, nR, K] strides (sa0, sa1, 1), nR = n_slices * rank;
+//   B [S, rank, N] strides (sb0, sbr, 1), i.e. lora_b [S, N, rank] stored transposed;
+//   runs [n_runs, 3] int64 (start, end, slot), non-empty and disjoint;
+//   y [T, nR] rows sy apart (nullptr: a buffer of this call); out [T, N] rows so apart;
+//   offsets [n_slices + 1], the output slices' column offsets.
+// stages: 1 = shrink (y = x A^T on the runs' rows), 2 = expand (out += y B^T on them), 3 = both.
+void loraplex_lora_cpu(const float* x, int64_t sx, int64_t k_len, const float* a, int64_t sa0, int64_t sa1,
+                       const float* b, int64_t sb0, int64_t sbr, const int64_t* runs_flat, int64_t n_runs, float* y,
+                       int64_t sy, float* out, int64_t so, const int64_t* offsets, int64_t n_slices, int64_t rank,
+                       int stages, int num_threads) {
+  if (n_runs <= 0) return;
+  const Run* runs = reinterpret_cast<const Run*>(runs_flat);
+  const int64_t n_rows = n_slices * rank;  // nR: y's width
+  int64_t last_row = 0, n_tokens = 0;
+  for (int64_t i = 0; i < n_runs; ++i) last_row = std::max(last_row, runs[i].end), n_tokens += runs[i].end - runs[i].start;
+  std::vector<float> y_buf;
+  if (y == nullptr) {
+    y_buf.resize(last_row * n_rows);  // [T', nR]
+    y = y_buf.data(), sy = n_rows;
+  }
+  const bool do_shrink = stages & 1, do_expand = stages & 2;
+
+  const int64_t row_blocks = (n_rows + kRowBlock - 1) / kRowBlock;
+  std::vector<int64_t> col_start, col_slice;  // expand items' columns, never across a slice
+  for (int64_t i = 0; i < n_slices; ++i)
+    for (int64_t c = offsets[i]; c < offsets[i + 1]; c += kColBlock) col_start.push_back(c), col_slice.push_back(i);
+  const int64_t col_blocks = static_cast<int64_t>(col_start.size());
+  // a fork and two barriers cost a few microseconds: not worth it for a single short token
+  const int64_t flops = n_tokens * (n_rows * k_len + offsets[n_slices] * rank);
+  const bool parallel = num_threads > 1 && flops > (1 << 16);
+
+#pragma omp parallel num_threads(num_threads) if (parallel)
+  {
+    if (do_shrink) {
+#pragma omp for schedule(static)
+      for (int64_t item = 0; item < n_runs * row_blocks; ++item) {
+        const Run& run = runs[item / row_blocks];
+        const int64_t j0 = (item % row_blocks) * kRowBlock;
+        const float* rows[kRowBlock];
+        for (int r = 0; r < kRowBlock; ++r) rows[r] = a + run.slot * sa0 + std::min(j0 + r, n_rows - 1) * sa1;
+        const float* xr = x + run.start * sx;
+        float* yr = y + run.start * sy + j0;
+        const int64_t len = run.end - run.start;
+        if (j0 + kRowBlock <= n_rows) {
+          shrink_run<kRowBlock>(rows, xr, sx, k_len, yr, sy, len);
+        } else {  // the last, partial block of rows
+          for (int r = 0; j0 + r < n_rows; ++r) shrink_run<1>(rows + r, xr, sx, k_len, yr + r, sy, len);
+        }
+      }
+    }  // the implicit barrier of `omp for`: y is complete before expand reads it
+    if (do_expand) {
+#pragma omp for schedule(static)
+      for (int64_t item = 0; item < n_runs * col_blocks; ++item) {
+        const Run& run = runs[item / col_blocks];
+        const int64_t c0 = col_start[item % col_blocks], slice = col_slice[item % col_blocks];
+        const int64_t w = std::min(kColBlock, offsets[slice + 1] - c0);
+        const float* bs = b + run.slot * sb0 + c0;
+        const float* ys[kTokenBlock];
+        float* outs[kTokenBlock];
+        int64_t t = run.start;
+        for (; t + kTokenBlock <= run.end; t += kTokenBlock) {
+          for (int i = 0; i < kTokenBlock; ++i) ys[i] = y + (t + i) * sy + slice * rank, outs[i] = out + (t + i) * so + c0;
+          expand_block<kTokenBlock>(bs, sbr, rank, ys, outs, w);
+        }
+        for (; t < run.end; ++t) {
+          ys[0] = y + t * sy + slice * rank, outs[0] = out + t * so + c0;
+          expand_block<1>(bs, sbr, rank, ys, outs, w);
+        }
+      }
+    }
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,206 @@
+"""The native CPU kernel (`csrc/lora_cpu.cpp`): compiled on first use, cached, called via ctypes.
+
+The source is plain C++ with OpenMP and no torch headers: the system's C++ compiler builds it in
+about a second, for this machine's instruction set (`-march=native`), into
+`<LORAPLEX_CACHE_DIR>/kernels/`, keyed by the source, the compiler and the CPU, so a cache
+shared between machines never serves a binary built for another CPU. Without a compiler (or
+with `LORAPLEX_CPU_KERNEL=0`) the kernel is unavailable and the CPU path stays on the torch
+formulations; `unavailable_reason()` says why.
+
+It takes fp32 activations and weights with A's rows and B's columns contiguous (the LoRA
+manager's layout, see `loraplex.lora.slot_layout`); `unsupported_reason` names anything else.
+The argument checks of `loraplex.kernels.validation` are assumed done.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .mapping import LoRABatchMapping
+
+__all__ = ["available", "unavailable_reason", "unsupported_reason", "shrink", "expand", "apply"]
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "lora_cpu.cpp"
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp", "-fPIC", "-shared")
+_BUILD_TIMEOUT_S = 120
+_SHRINK, _EXPAND = 1, 2
+
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_ARGTYPES = [
+    _PTR, _I64, _I64,  # x, row stride, K
+    _PTR, _I64, _I64,  # A, slot stride, row stride
+    _PTR, _I64, _I64,  # B (stored [S, R, N]), slot stride, rank stride
+    _PTR, _I64,  # runs [n, 3], n
+    _PTR, _I64,  # y (or NULL), row stride
+    _PTR, _I64,  # out, row stride
+    _PTR, _I64, _I64,  # slice offsets, n_slices, rank
+    ctypes.c_int, ctypes.c_int,  # stages, threads
+]
+
+
+def available() -> bool:
+    """True when the kernel is built (or builds now) and loads."""
+    return _library()[0] is not None
+
+
+def unavailable_reason() -> str:
+    """Why the kernel is unavailable ("" when it is available)."""
+    return _library()[1]
+
+
+def unsupported_reason(operands: dict[str, torch.Tensor]) -> str:
+    """Why these named operands cannot run on the kernel ("" when they can)."""
+    if any(t.device.type != "cpu" for t in operands.values()):
+        return "it runs on CPU tensors only"
+    not_fp32 = [name for name, t in operands.items() if t.dtype != torch.float32]
+    if not_fp32:
+        return f"it takes float32 only, and {', '.join(not_fp32)} {'is' if len(not_fp32) == 1 else 'are'} not"
+    strided = [name for name, t in operands.items() if name != "lora_b" and t.stride(-1) != 1]
+    if strided:
+        return f"{', '.join(strided)} need a unit stride along the last dimension"
+    if "lora_b" in operands and operands["lora_b"].stride(1) != 1:
+        return "lora_b [S, N, R] must be stored transposed (stride 1 along N), as the LoRA manager stores it"
+    return ""
+
+
+def shrink(
+    x: torch.Tensor,  # [T, in]
+    lora_a: torch.Tensor,  # [S, n_slices * R, in]
+    mapping: LoRABatchMapping,
+    n_slices: int,
+    out: torch.Tensor,  # [T, n_slices * R], float32
+) -> torch.Tensor:
+    if mapping.num_active_tokens < mapping.num_tokens:
+        out.zero_()  # the kernel writes the active rows only
+    rank = lora_a.shape[1] // n_slices
+    offsets = [0] * (n_slices + 1)  # expand's columns: unused by the shrink stage
+    _call(x, lora_a, None, mapping, out, None, offsets, rank, _SHRINK)
+    return out
+
+
+def expand(
+    y: torch.Tensor,  # [T, n_slices * R], float32
+    lora_b: torch.Tensor,  # [S, N_total, R]
+    mapping: LoRABatchMapping,
+    out: torch.Tensor,  # [T, N_total]
+    slice_offsets: Sequence[int],
+) -> torch.Tensor:
+    _call(None, None, lora_b, mapping, y, out, slice_offsets, lora_b.shape[2], _EXPAND)
+    return out
+
+
+def apply(
+    x: torch.Tensor,  # [T, in]
+    lora_a: torch.Tensor,  # [S, n_slices * R, in]
+    lora_b: torch.Tensor,  # [S, N_total, R]
+    mapping: LoRABatchMapping,
+    out: torch.Tensor,  # [T, N_total]
+    slice_offsets: Sequence[int],
+) -> torch.Tensor:
+    """out += expand(shrink(x)) in one call, the intermediate kept inside the kernel."""
+    _call(x, lora_a, lora_b, mapping, None, out, slice_offsets, lora_b.shape[2], _SHRINK | _EXPAND)
+    return out
+
+
+def _call(x, lora_a, lora_b, mapping, y, out, slice_offsets, rank, stages) -> None:
+    """One kernel call; the operands a stage does not use are None."""
+    lib = _library()[0]
+    if lib is None:
+        raise RuntimeError(f"the native CPU LoRA kernel is unavailable: {unavailable_reason()}")
+    runs = mapping.runs_table  # [n_runs, 3] int64: start, end, slot
+    lib.loraplex_lora_cpu(
+        *_rows(x), x.shape[1] if x is not None else 0,
+        *_rows(lora_a), lora_a.stride(1) if lora_a is not None else 0,
+        *_rows(lora_b), lora_b.stride(2) if lora_b is not None else 0,
+        runs.data_ptr(), runs.shape[0],
+        *_rows(y),
+        *_rows(out),
+        _offsets(tuple(slice_offsets)), len(slice_offsets) - 1, rank,
+        stages, torch.get_num_threads(),
+    )  # fmt: skip
+
+
+def _rows(t: torch.Tensor | None) -> tuple[int | None, int]:
+    """(data pointer, stride of the first dimension), or (NULL, 0) for an operand not used."""
+    return (t.data_ptr(), t.stride(0)) if t is not None else (None, 0)
+
+
+@functools.cache
+def _offsets(slice_offsets: tuple[int, ...]) -> ctypes.Array:
+    """The slice offsets as a C array; a model has a handful of distinct ones."""
+    return (ctypes.c_int64 * len(slice_offsets))(*slice_offsets)
+
+
+@functools.cache
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    """(the loaded kernel, "") or (None, why not); built and loaded once per process."""
+    # imported here, not at the top: transformers probes for a package named `kernels` and imports
+    # this directory as one when the repository root is on sys.path, where `..` does not exist
+    from .. import envs
+
+    if not envs.cpu_kernel_enabled():
+        return None, "disabled by LORAPLEX_CPU_KERNEL=0"
+    try:
+        path = _build()
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as exc:
+        reason = str(exc) or type(exc).__name__
+        logger.warning("The native CPU LoRA kernel is unavailable (%s); the CPU path uses torch.", reason)
+        return None, reason
+    lib.loraplex_lora_cpu.argtypes = _ARGTYPES
+    lib.loraplex_lora_cpu.restype = None
+    return lib, ""
+
+
+def _build() -> Path:
+    """The compiled library for this source, compiler and CPU, building it when missing."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if not compiler:
+        raise OSError("no C++ compiler found (install g++ or clang++, or set CXX)")
+    from .. import envs  # see _library
+
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(_FLAGS).encode(), _cpu_fingerprint()]))
+    target = envs.cache_dir() / "kernels" / f"lora_cpu-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # built beside the target, then renamed: a concurrent build or a crash never leaves half a library
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [compiler, *_FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S
+        )
+        if done.returncode != 0:
+            errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines() or ["?"]
+            raise OSError(f"{Path(compiler).name} failed to build {SOURCE.name}: {errors[0].strip()}")
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
+
+
+def _cpu_fingerprint() -> bytes:
+    """The CPU model and its feature flags: what `-march=native` compiles for."""
+    parts = [platform.machine()]
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            parts += sorted({line.strip() for line in info if line.startswith(("model name", "flags", "Features"))})
+    except OSError:
+        parts.append(platform.processor())
+    return "\n".join(parts).encode()
