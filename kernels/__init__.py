@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from .dispatch import (
     BACKENDS,
+    AppliedLoRA,
     Backend,
+    bind_lora_apply,
     get_backend,
     lora_apply,
     lora_expand,
@@ -31,7 +33,9 @@ from .mapping import LoRABatchMapping
 
 __all__ = [
     "BACKENDS",
+    "AppliedLoRA",
     "Backend",
+    "bind_lora_apply",
     "LoRABatchMapping",
     "get_backend",
     "lora_apply",

@@ -23,14 +23,14 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from .mapping import LoRABatchMapping
 
-__all__ = ["available", "unavailable_reason", "unsupported_reason", "shrink", "expand", "apply"]
+__all__ = ["available", "unavailable_reason", "unsupported_reason", "shrink", "expand", "apply", "bind_apply"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,17 +112,40 @@ def apply(
     slice_offsets: Sequence[int],
 ) -> torch.Tensor:
     """out += expand(shrink(x)) in one call, the intermediate kept inside the kernel."""
-    _call(x, lora_a, lora_b, mapping, None, out, slice_offsets, lora_b.shape[2], _SHRINK | _EXPAND)
-    return out
+    return bind_apply(lora_a, lora_b, slice_offsets)(x, mapping, out)
+
+
+def bind_apply(
+    lora_a: torch.Tensor,  # [S, n_slices * R, in]
+    lora_b: torch.Tensor,  # [S, N_total, R]
+    slice_offsets: Sequence[int],
+) -> Callable[[torch.Tensor, LoRABatchMapping, torch.Tensor], torch.Tensor]:
+    """`apply` with the weights' arguments worked out once: what a model's layer calls each step.
+
+    The weights must stay where they are (the LoRA manager rewrites slots in place).
+    """
+    kernel = _kernel()
+    fixed_a = (lora_a.data_ptr(), lora_a.stride(0), lora_a.stride(1))
+    fixed_b = (lora_b.data_ptr(), lora_b.stride(0), lora_b.stride(2))
+    fixed_tail = (_offsets(tuple(slice_offsets)), len(slice_offsets) - 1, lora_b.shape[2], _SHRINK | _EXPAND)
+    weights = (lora_a, lora_b)  # held so the addresses above stay valid
+
+    def apply(x: torch.Tensor, mapping: LoRABatchMapping, out: torch.Tensor) -> torch.Tensor:
+        assert weights  # keeps the weights alive with this closure
+        runs = mapping.runs_table  # [n_runs, 3] int64: start, end, slot
+        kernel(
+            x.data_ptr(), x.stride(0), x.shape[1], *fixed_a, *fixed_b, runs.data_ptr(), runs.shape[0],
+            None, 0, out.data_ptr(), out.stride(0), *fixed_tail, torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+    return apply
 
 
 def _call(x, lora_a, lora_b, mapping, y, out, slice_offsets, rank, stages) -> None:
     """One kernel call; the operands a stage does not use are None."""
-    lib = _library()[0]
-    if lib is None:
-        raise RuntimeError(f"the native CPU LoRA kernel is unavailable: {unavailable_reason()}")
     runs = mapping.runs_table  # [n_runs, 3] int64: start, end, slot
-    lib.loraplex_lora_cpu(
+    _kernel()(
         *_rows(x), x.shape[1] if x is not None else 0,
         *_rows(lora_a), lora_a.stride(1) if lora_a is not None else 0,
         *_rows(lora_b), lora_b.stride(2) if lora_b is not None else 0,
@@ -132,6 +155,13 @@ def _call(x, lora_a, lora_b, mapping, y, out, slice_offsets, rank, stages) -> No
         _offsets(tuple(slice_offsets)), len(slice_offsets) - 1, rank,
         stages, torch.get_num_threads(),
     )  # fmt: skip
+
+
+def _kernel() -> ctypes._CFuncPtr:
+    lib = _library()[0]
+    if lib is None:
+        raise RuntimeError(f"the native CPU LoRA kernel is unavailable: {unavailable_reason()}")
+    return lib.loraplex_lora_cpu
 
 
 def _rows(t: torch.Tensor | None) -> tuple[int | None, int]:

@@ -7,7 +7,7 @@ import itertools
 import torch
 from torch import nn
 
-from ..kernels import LoRABatchMapping, lora_apply
+from ..kernels import AppliedLoRA, LoRABatchMapping, bind_lora_apply
 from ..models.layers import Linear
 
 
@@ -30,7 +30,7 @@ class LoRALinear(nn.Module):
         self.base = base
         self.state = state
         self.slice_offsets = tuple(itertools.accumulate(base.output_sizes, initial=0))
-        self._checked = False  # the kernel arguments are checked on the first call only: see forward
+        self._delta: AppliedLoRA | None = None  # bound on the first call: see forward
         # views into the manager's per-slot storage (see slot_layout), not owned here
         self.lora_a = lora_a  # [S, n_slices * R, in]
         self.lora_b = lora_b  # [S, N, R], stored transposed: strides (numel, 1, N)
@@ -47,8 +47,7 @@ class LoRALinear(nn.Module):
         out = self.base(x)  # [T, N]
         mapping = self.state.mapping
         if mapping is not None and mapping.any_active:
-            # later calls pass the same weights and activations of the same width, dtype and device
-            lora_apply(x, self.lora_a, self.lora_b, mapping, out, self.slice_offsets, check=not self._checked)
-            if not self._checked:  # a plain assignment every call would cost nn.Module.__setattr__
-                self._checked = True
+            if self._delta is None:  # later calls pass activations of the same width, dtype and device
+                self._delta = bind_lora_apply(x, self.lora_a, self.lora_b, mapping, out, self.slice_offsets)
+            self._delta(x, mapping, out)
         return out

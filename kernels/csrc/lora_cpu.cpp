@@ -61,10 +61,11 @@ inline void shrink_run(const float* const* rows, const float* x, int64_t sx, int
     for (int i = 0; i < kTokenBlock; ++i) xs[i] = x + (t + i) * sx, ys[i] = y + (t + i) * sy;
     shrink_block<NR, kTokenBlock>(rows, xs, k_len, ys);
   }
-  for (; t < n_tokens; ++t) {
-    xs[0] = x + t * sx, ys[0] = y + t * sy;
-    shrink_block<NR, 1>(rows, xs, k_len, ys);
-  }
+  const int rest = static_cast<int>(n_tokens - t);
+  for (int i = 0; i < rest; ++i) xs[i] = x + (t + i) * sx, ys[i] = y + (t + i) * sy;
+  if (rest == 1) shrink_block<NR, 1>(rows, xs, k_len, ys);
+  if (rest == 2) shrink_block<NR, 2>(rows, xs, k_len, ys);
+  if (rest == 3) shrink_block<NR, 3>(rows, xs, k_len, ys);
 }
 
 // outs[t][0:w] += sum_r ys[t][r] * b[r * sbr : r * sbr + w] for NT tokens, w <= kColBlock.
@@ -161,10 +162,11 @@ void loraplex_lora_cpu(const float* x, int64_t sx, int64_t k_len, const float* a
           for (int i = 0; i < kTokenBlock; ++i) ys[i] = y + (t + i) * sy + slice * rank, outs[i] = out + (t + i) * so + c0;
           expand_block<kTokenBlock>(bs, sbr, rank, ys, outs, w);
         }
-        for (; t < run.end; ++t) {
-          ys[0] = y + t * sy + slice * rank, outs[0] = out + t * so + c0;
-          expand_block<1>(bs, sbr, rank, ys, outs, w);
-        }
+        const int rest = static_cast<int>(run.end - t);
+        for (int i = 0; i < rest; ++i) ys[i] = y + (t + i) * sy + slice * rank, outs[i] = out + (t + i) * so + c0;
+        if (rest == 1) expand_block<1>(bs, sbr, rank, ys, outs, w);
+        if (rest == 2) expand_block<2>(bs, sbr, rank, ys, outs, w);
+        if (rest == 3) expand_block<3>(bs, sbr, rank, ys, outs, w);
       }
     }
   }

@@ -7,6 +7,7 @@ import torch
 from lora_cases import assert_close, inactive_rows, make_case, reference_expand, reference_shrink
 from loraplex.kernels import (
     LoRABatchMapping,
+    bind_lora_apply,
     dispatch,
     get_backend,
     lora_apply,
@@ -111,14 +112,28 @@ def test_one_mapping_serves_modules_of_different_shapes() -> None:
         assert_close(out, reference_expand(case, reference_shrink(case)))
 
 
-def test_unchecked_apply_matches_and_still_refuses_a_stale_mapping() -> None:
-    case = make_case(8, 32, 4, 3, (16, 8))
-    expected = reference_expand(case, reference_shrink(case))
-    out = lora_apply(case.x, case.lora_a, case.lora_b, case.mapping(), case.base.clone(), case.offsets, check=False)
-    assert_close(out, expected)
+@pytest.mark.parametrize("backend", ["torch", "cpu", "reference"])
+def test_bound_apply_serves_later_steps_and_refuses_a_stale_mapping(backend: str) -> None:
+    if backend == "cpu" and not native_cpu.available():
+        pytest.skip(f"the native CPU kernel is unavailable: {native_cpu.unavailable_reason()}")
+    first = make_case(8, 32, 4, 3, (16, 8), b_transposed=True)
+    apply = bind_lora_apply(first.x, first.lora_a, first.lora_b, first.mapping(), first.base, first.offsets, backend=backend)
+    # a later step: other tokens and slots, the same weights (one slot rewritten in place)
+    first.lora_a[1].mul_(-2.0)
+    later = make_case(5, 32, 4, 3, (16, 8), slots=[2, -1, 1, 1, 0], seed=7, b_transposed=True)
+    later.lora_a, later.lora_b = first.lora_a, first.lora_b
+    out = later.base.clone()
+    assert apply(later.x, later.mapping(), out) is out
+    assert_close(out, reference_expand(later, reference_shrink(later)))
     stale = LoRABatchMapping.from_token_slots([0, 1, 2], 3)  # built for another step's 3 tokens
-    with pytest.raises(ValueError, match=r"built for T=8 tokens .* got one for 3"):
-        lora_apply(case.x, case.lora_a, case.lora_b, stale, case.base.clone(), case.offsets, check=False)
+    with pytest.raises(ValueError, match=r"built for T=5 tokens .* got one for 3"):
+        apply(later.x, stale, later.base.clone())
+
+
+def test_bound_apply_checks_its_operands_once() -> None:
+    case = make_case(8, 32, 4, 3, (16, 8))
+    with pytest.raises(ValueError, match="slice_offsets"):
+        bind_lora_apply(case.x, case.lora_a, case.lora_b, case.mapping(), case.base, (0, 16, 99))
 
 
 def test_skips_all_work_when_no_token_uses_lora(monkeypatch: pytest.MonkeyPatch) -> None:
