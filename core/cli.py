@@ -31,6 +31,10 @@ def _lora_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group.add_argument("--max-lora-rank", type=int, default=None, help="the highest adapter rank accepted (default 16)")
     group.add_argument("--max-cpu-loras", type=int, default=None, help="adapters cached on the CPU (default: max-loras)")
     group.add_argument(
+        "--lora-dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+        help="dtype adapters are stored in (default auto: the model's; bfloat16 streams half the bytes on CPU)",
+    )
+    group.add_argument(
         "--lora-modules", nargs="+", default=[], type=_lora_module, metavar="NAME=PATH",
         help='adapters to add at start: NAME=PATH, or JSON {"name": ..., "path": ..., "base_model_name": ...}',
     )
@@ -62,7 +66,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
     )
-    lora = {"max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank, "max_cpu_loras": args.max_cpu_loras}
+    lora = {"max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank, "max_cpu_loras": args.max_cpu_loras,
+            "lora_dtype": args.lora_dtype}
     kwargs.update({key: value for key, value in lora.items() if value is not None})
     kwargs["enable_lora"] = args.enable_lora or bool(args.lora_modules) or args.lora is not None
     return kwargs

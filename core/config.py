@@ -22,7 +22,9 @@ class EngineArgs:
     takes `VLLM_CPU_KVCACHE_SPACE` GiB (default 4) on CPU, `gpu_memory_utilization` of the GPU.
     enable_lora: serve LoRA adapters; max_loras adapters fit in device slots at once (so at most
     that many distinct adapters run in one step), max_cpu_loras stay cached on the CPU, and no
-    adapter may have a rank above max_lora_rank.
+    adapter may have a rank above max_lora_rank. lora_dtype: the dtype adapters are stored and
+    read in, "auto" (the model's) or a dtype name; "bfloat16" halves the bytes each LoRA step
+    streams on a float32 model, at bfloat16's precision for the adapter weights.
     """
 
     model: str | None = None
@@ -41,6 +43,7 @@ class EngineArgs:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None  # None: as many as max_loras
+    lora_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *_DTYPES):
@@ -61,6 +64,8 @@ class EngineArgs:
             _positive("max_cpu_loras", self.max_cpu_loras)
             if self.max_cpu_loras < self.max_loras:
                 raise ConfigError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        if self.lora_dtype not in ("auto", *_DTYPES):
+            raise ConfigError(f"lora_dtype must be 'auto' or one of {', '.join(_DTYPES)}; got {self.lora_dtype!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1]; got {self.gpu_memory_utilization}")
 
@@ -76,6 +81,9 @@ class EngineArgs:
         if self.dtype == "auto":
             return torch.float32 if device.type == "cpu" else torch.bfloat16
         return _DTYPES[self.dtype]
+
+    def lora_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return model_dtype if self.lora_dtype == "auto" else _DTYPES[self.lora_dtype]
 
 
 def _positive(name: str, value: int) -> None:

@@ -7,8 +7,9 @@ shared between machines never serves a binary built for another CPU. Without a c
 with `LORAPLEX_CPU_KERNEL=0`) the kernel is unavailable and the CPU path stays on the torch
 formulations; `unavailable_reason()` says why.
 
-It takes fp32 activations and weights with A's rows and B's columns contiguous (the LoRA
-manager's layout, see `loraplex.lora.slot_layout`); `unsupported_reason` names anything else.
+It takes fp32 activations, fp32 or bf16 weights (the manager's `lora_dtype`), A's rows and B's
+columns contiguous (the LoRA manager's layout, see `loraplex.lora.slot_layout`);
+`unsupported_reason` names anything else.
 The argument checks of `loraplex.kernels.validation` are assumed done.
 """
 
@@ -38,12 +39,14 @@ SOURCE = Path(__file__).with_name("csrc") / "lora_cpu.cpp"
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp", "-fPIC", "-shared")
 _BUILD_TIMEOUT_S = 120
 _SHRINK, _EXPAND = 1, 2
+WEIGHT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # what the kernel reads A and B as
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ARGTYPES = [
     _PTR, _I64, _I64,  # x, row stride, K
     _PTR, _I64, _I64,  # A, slot stride, row stride
     _PTR, _I64, _I64,  # B (stored [S, R, N]), slot stride, rank stride
+    ctypes.c_int,  # the weights' dtype: 0 = float32, 1 = bfloat16
     _PTR, _I64,  # runs [n, 3], n
     _PTR, _I64,  # y (or NULL), row stride
     _PTR, _I64,  # out, row stride
@@ -66,9 +69,13 @@ def unsupported_reason(operands: dict[str, torch.Tensor]) -> str:
     """Why these named operands cannot run on the kernel ("" when they can)."""
     if any(t.device.type != "cpu" for t in operands.values()):
         return "it runs on CPU tensors only"
-    not_fp32 = [name for name, t in operands.items() if t.dtype != torch.float32]
+    weights = {name: t for name, t in operands.items() if name in ("lora_a", "lora_b")}
+    activations = {name: t for name, t in operands.items() if name not in weights}
+    not_fp32 = [name for name, t in activations.items() if t.dtype != torch.float32]
     if not_fp32:
-        return f"it takes float32 only, and {', '.join(not_fp32)} {'is' if len(not_fp32) == 1 else 'are'} not"
+        return f"it takes float32 activations only, and {', '.join(not_fp32)} {'is' if len(not_fp32) == 1 else 'are'} not"
+    if any(t.dtype not in WEIGHT_DTYPES for t in weights.values()):
+        return f"it takes float32 or bfloat16 weights only, not {', '.join(str(t.dtype) for t in weights.values())}"
     strided = [name for name, t in operands.items() if name != "lora_b" and t.stride(-1) != 1]
     if strided:
         return f"{', '.join(strided)} need a unit stride along the last dimension"
@@ -126,7 +133,7 @@ def bind_apply(
     """
     kernel = _kernel()
     fixed_a = (lora_a.data_ptr(), lora_a.stride(0), lora_a.stride(1))
-    fixed_b = (lora_b.data_ptr(), lora_b.stride(0), lora_b.stride(2))
+    fixed_b = (lora_b.data_ptr(), lora_b.stride(0), lora_b.stride(2), WEIGHT_DTYPES[lora_b.dtype])
     fixed_tail = (_offsets(tuple(slice_offsets)), len(slice_offsets) - 1, lora_b.shape[2], _SHRINK | _EXPAND)
     weights = (lora_a, lora_b)  # held so the addresses above stay valid
 
@@ -149,6 +156,7 @@ def _call(x, lora_a, lora_b, mapping, y, out, slice_offsets, rank, stages) -> No
         *_rows(x), x.shape[1] if x is not None else 0,
         *_rows(lora_a), lora_a.stride(1) if lora_a is not None else 0,
         *_rows(lora_b), lora_b.stride(2) if lora_b is not None else 0,
+        WEIGHT_DTYPES[(lora_a if lora_a is not None else lora_b).dtype],
         runs.data_ptr(), runs.shape[0],
         *_rows(y),
         *_rows(out),

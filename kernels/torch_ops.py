@@ -13,8 +13,10 @@ numbers behind the default rule in `choose_formulation`:
 - "gather_bmm": gather each token's A and B, then one `bmm` per slice (weights copied per token):
   the textbook formulation, the torch baseline of the GPU benchmark.
 
-Math runs in the inputs' dtype (torch's CPU GEMMs accumulate fp16/bf16 in fp32) and is cast to
-`out`'s dtype at the end. Arguments are assumed checked (see `loraplex.kernels.validation`).
+Math runs in the activations' dtype (torch's CPU GEMMs accumulate fp16/bf16 in fp32) and is cast
+to `out`'s dtype at the end. Weights stored in another dtype (`lora_dtype`) are cast, the active
+slots' only, as each formulation reads them. Arguments are assumed checked (see
+`loraplex.kernels.validation`).
 """
 
 from __future__ import annotations
@@ -95,6 +97,11 @@ def _slices(slice_offsets: Sequence[int], rank: int):
         yield slice(i * rank, (i + 1) * rank), slice(slice_offsets[i], slice_offsets[i + 1])
 
 
+def _as(weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weights in the compute dtype: themselves, or a cast copy of just these slots."""
+    return weights if weights.dtype == dtype else weights.to(dtype)
+
+
 def _scatter_rows(out: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, zero: bool) -> torch.Tensor:
     """out[ids] = rows (zeroing the others first when `zero`); ids are distinct."""
     if zero:
@@ -122,35 +129,35 @@ def _unpadded(batch: torch.Tensor, group: SlotGroup) -> torch.Tensor:
 def _shrink_batched(x, lora_a, mapping, n_slices, out):
     if mapping.num_active_tokens < mapping.num_tokens:
         out.zero_()
-    a_t = lora_a.transpose(1, 2)  # [S, in, nR], a view
     for g in mapping.slot_groups:
+        a = _as(lora_a[g.lo : g.hi], x.dtype)  # [G, nR, in]
         rows = out[g.start : g.end]  # [rows, nR]
         xs = _padded(x[g.start : g.end], g)  # [G, L, in]
         if g.scatter is None and out.dtype == x.dtype:  # straight into the rows
             if g.max_len == 1:  # one token per slot: A @ x streams A ~8% faster than x @ Aᵀ
-                torch.bmm(lora_a[g.lo : g.hi], xs.transpose(1, 2), out=rows.view(g.hi - g.lo, -1, 1))
+                torch.bmm(a, xs.transpose(1, 2), out=rows.view(g.hi - g.lo, -1, 1))
             else:
-                torch.bmm(xs, a_t[g.lo : g.hi], out=rows.view(g.hi - g.lo, g.max_len, -1))
+                torch.bmm(xs, a.transpose(1, 2), out=rows.view(g.hi - g.lo, g.max_len, -1))
         else:
-            rows.copy_(_unpadded(torch.bmm(xs, a_t[g.lo : g.hi]), g))  # [G, L, nR] -> rows
+            rows.copy_(_unpadded(torch.bmm(xs, a.transpose(1, 2)), g))  # [G, L, nR] -> rows
     return out
 
 
 def _expand_batched(y, lora_b, mapping, out, slice_offsets):
     widths = [hi - lo for lo, hi in zip(slice_offsets[:-1], slice_offsets[1:], strict=True)]
-    # split_with_sizes: Tensor.split is a Python wrapper, too slow for ~200 calls per step
-    b_slices = lora_b.transpose(1, 2).split_with_sizes(widths, dim=2)  # each [S, R, N_i], views
     ranks = [lora_b.shape[2]] * len(widths)
     for g in mapping.slot_groups:
+        # split_with_sizes: Tensor.split is a Python wrapper, too slow for ~200 calls per step
+        b_slices = _as(lora_b[g.lo : g.hi], out.dtype).transpose(1, 2).split_with_sizes(widths, dim=2)  # [G, R, N_i]
         ys = _padded(y[g.start : g.end].to(out.dtype), g).split_with_sizes(ranks, dim=2)  # each [G, L, R]
         outs = out[g.start : g.end].split_with_sizes(widths, dim=1)  # each [rows, N_i]
         for y_i, b_i, out_i in zip(ys, b_slices, outs, strict=True):
             if g.hi - g.lo == 1:  # one slot (a prompt, or one adapter's decodes): in place, no temporary
-                out_i.addmm_(y_i[0], b_i[g.lo])  # [rows, N_i]
+                out_i.addmm_(y_i[0], b_i[0])  # [rows, N_i]
             elif g.scatter is None and out_i.is_contiguous():  # in place (strided in place is slower)
-                out_i.view(g.hi - g.lo, g.max_len, -1).baddbmm_(y_i, b_i[g.lo : g.hi])  # [G, L, N_i]
+                out_i.view(g.hi - g.lo, g.max_len, -1).baddbmm_(y_i, b_i)  # [G, L, N_i]
             else:
-                out_i.add_(_unpadded(torch.bmm(y_i, b_i[g.lo : g.hi]), g))  # [G, L, N_i] -> rows
+                out_i.add_(_unpadded(torch.bmm(y_i, b_i), g))  # [G, L, N_i] -> rows
     return out
 
 
@@ -176,17 +183,17 @@ def _active_slot_range(mapping: LoRABatchMapping) -> tuple[int, int, torch.Tenso
 
 
 def _shrink_grouped(x, lora_a, mapping, n_slices, out):
-    if not _aligned(lora_a) or lora_a.shape[2] * lora_a.element_size() % 16:
+    if not _aligned(lora_a) or lora_a.shape[2] * lora_a.element_size() % 16 or lora_a.dtype != x.dtype:
         return _shrink_segments(x, lora_a, mapping, n_slices, out)  # odd in_features
     ids = mapping.sorted_token_ids  # [Ta]
     lo, hi, ends = _active_slot_range(mapping)
-    ys = F.grouped_mm(x.index_select(0, ids), lora_a[lo:hi].transpose(1, 2), offs=ends)  # [Ta, nR]
+    ys = F.grouped_mm(x.index_select(0, ids), _as(lora_a[lo:hi], x.dtype).transpose(1, 2), offs=ends)  # [Ta, nR]
     return _scatter_rows(out, ids, ys, zero=True)
 
 
 def _expand_grouped(y, lora_b, mapping, out, slice_offsets):
     size = out.element_size()
-    if not _aligned(lora_b) or any(n * size % 16 for n in (lora_b.shape[2], *slice_offsets)):
+    if not _aligned(lora_b) or any(n * size % 16 for n in (lora_b.shape[2], *slice_offsets)) or lora_b.dtype != out.dtype:
         return _expand_segments(y, lora_b, mapping, out, slice_offsets)  # odd rank or slice start
     ids = mapping.sorted_token_ids  # [Ta]
     lo, hi, ends = _active_slot_range(mapping)
@@ -206,7 +213,7 @@ def _shrink_segments(x, lora_a, mapping, n_slices, out):
     ys = torch.empty(ids.numel(), out.shape[1], dtype=x.dtype, device=x.device)  # [Ta, nR]
     ptr = mapping.seg_indptr_host
     for s, slot in enumerate(mapping.seg_slots_host):
-        torch.mm(xs[ptr[s] : ptr[s + 1]], lora_a[slot].t(), out=ys[ptr[s] : ptr[s + 1]])
+        torch.mm(xs[ptr[s] : ptr[s + 1]], _as(lora_a[slot], x.dtype).t(), out=ys[ptr[s] : ptr[s + 1]])
     return _scatter_rows(out, ids, ys, zero=True)
 
 
@@ -217,8 +224,9 @@ def _expand_segments(y, lora_b, mapping, out, slice_offsets):
     ptr = mapping.seg_indptr_host
     for s, slot in enumerate(mapping.seg_slots_host):
         rows = slice(ptr[s], ptr[s + 1])
+        b = _as(lora_b[slot], out.dtype)  # [N, R]
         for y_cols, o_cols in _slices(slice_offsets, lora_b.shape[2]):
-            torch.mm(ys[rows, y_cols], lora_b[slot, o_cols].t(), out=delta[rows, o_cols])
+            torch.mm(ys[rows, y_cols], b[o_cols].t(), out=delta[rows, o_cols])
     out.index_add_(0, ids, delta)
     return out
 
@@ -229,7 +237,7 @@ def _expand_segments(y, lora_b, mapping, out, slice_offsets):
 def _shrink_gather_bmm(x, lora_a, mapping, n_slices, out):
     ids = mapping.sorted_token_ids  # [Ta]
     slots = mapping.token_slots.index_select(0, ids)  # [Ta]
-    a = lora_a.index_select(0, slots)  # [Ta, nR, in]
+    a = _as(lora_a.index_select(0, slots), x.dtype)  # [Ta, nR, in]
     ys = torch.bmm(a, x.index_select(0, ids).unsqueeze(2)).squeeze(2)  # [Ta, nR]
     return _scatter_rows(out, ids, ys, zero=True)
 
@@ -237,7 +245,7 @@ def _shrink_gather_bmm(x, lora_a, mapping, n_slices, out):
 def _expand_gather_bmm(y, lora_b, mapping, out, slice_offsets):
     ids = mapping.sorted_token_ids  # [Ta]
     slots = mapping.token_slots.index_select(0, ids)  # [Ta]
-    b = lora_b.index_select(0, slots)  # [Ta, N, R]
+    b = _as(lora_b.index_select(0, slots), out.dtype)  # [Ta, N, R]
     ys = y.index_select(0, ids).to(out.dtype)  # [Ta, nR]
     for y_cols, o_cols in _slices(slice_offsets, lora_b.shape[2]):
         delta = torch.bmm(b[:, o_cols], ys[:, y_cols].unsqueeze(2)).squeeze(2)  # [Ta, N_i]

@@ -93,6 +93,7 @@ def _shrink_segment_kernel(
         k_mask = offs_k < K
         xv = tl.load(x_tile + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         av = tl.load(a_tile + offs_k[:, None], mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        av = av.to(xv.dtype)  # weights stored in another dtype (lora_dtype): the dot runs in x's
         if UPCAST:
             xv, av = xv.to(tl.float32), av.to(tl.float32)
         acc += tl.dot(xv, av, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_R]
@@ -157,8 +158,9 @@ def _expand_segment_kernel(
         r_mask = offs_r < R
         yv = tl.load(y_tile + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)
         bv = tl.load(b_tile + offs_r[:, None] * stride_br, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        # y may be an fp32 intermediate: round it to the weights' dtype for the tensor-core dot.
-        yv = yv.to(bv.dtype)
+        # y may be an fp32 intermediate, the weights stored in another dtype (lora_dtype): the
+        # tensor-core dot runs in out's dtype
+        yv, bv = yv.to(out_ptr.dtype.element_ty), bv.to(out_ptr.dtype.element_ty)
         if UPCAST:
             yv, bv = yv.to(tl.float32), bv.to(tl.float32)
         acc += tl.dot(yv, bv, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
@@ -276,7 +278,7 @@ def _expand_segment(y, lora_b, mapping, out, offsets, widest: int) -> None:
         rank, n_tiles_n,
         y.stride(0), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_dot_block(rank),
-        **_dot_flags(lora_b.dtype),
+        **_dot_flags(out.dtype),
     )
 
 

@@ -57,11 +57,13 @@ def quiet_peft() -> Iterator[None]:
 
 
 def make_adapter(base: torch.nn.Module, out_dir: Path, *, seed: int, a_std: float | None = None,
-                 b_std: float = 0.1, **config: Any) -> Path:
+                 b_std: float = 0.1, values_of: torch.dtype | None = None, **config: Any) -> Path:
     """Write a PEFT LoRA adapter for `base` into `out_dir` with seeded non-zero A and B.
 
     A ~ N(0, a_std) (default 1/sqrt(in_features), so x·Aᵀ is about as large as x) and
     B ~ N(0, b_std): the adapter visibly changes the output without swamping the base model.
+    `values_of`: round the weights to values that dtype holds exactly (saved as float32), as
+    an adapter trained in 16 bits has.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -70,6 +72,11 @@ def make_adapter(base: torch.nn.Module, out_dir: Path, *, seed: int, a_std: floa
     with quiet_peft():
         model = get_peft_model(base, LoraConfig(**config))
         randomize_lora_weights(model, seed, a_std=a_std, b_std=b_std)
+        if values_of is not None:
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if "lora_" in name:
+                        param.copy_(param.to(values_of))
         model.save_pretrained(str(out_dir))
         model.unload()
     return Path(out_dir)
@@ -155,7 +162,9 @@ def assert_matches_oracle(outputs, names: list[str | None], oracle: PeftOracle, 
             if (top_values[19] - top_values[20]).item() > atol:
                 assert {tid for tid, _ in ours} == set(top_ids[:20].tolist()), f"{label}: step {step} top-20 differs"
             for tid, lp in ours:
-                assert lp.logprob == pytest.approx(row[tid].item(), abs=atol), f"{label}: step {step} token {tid}"
+                assert lp.logprob == pytest.approx(row[tid].item(), abs=atol), (
+                    f"{label}: step {step} token {tid}: logprob {lp.logprob:.6f}, PEFT's {row[tid].item():.6f}"
+                )
         if check_logprobs:
             assert completion.cumulative_logprob == pytest.approx(cumulative, abs=atol * len(completion.token_ids))
 

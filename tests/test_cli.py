@@ -55,7 +55,8 @@ def test_base_model_and_an_added_adapter_give_peft_text(setup, capsys) -> None:
 
 def test_lora_modules_json_form_and_lora_flags(setup, capsys) -> None:
     module = json.dumps({"name": "tuned", "path": str(setup["adapter"]), "base_model_name": str(setup["base"])})
-    flags = ("--lora-modules", module, "--lora", "tuned", "--max-loras", "2", "--max-lora-rank", "8", "--max-cpu-loras", "3")
+    flags = ("--lora-modules", module, "--lora", "tuned", "--max-loras", "2", "--max-lora-rank", "8", "--max-cpu-loras", "3",
+             "--lora-dtype", "float32")
     code, out, _ = run(capsys, generate(setup, *flags))
     assert code == 0 and reply(out) == setup["adapter_text"]
 

@@ -176,6 +176,7 @@ def test_max_num_batched_tokens_below_max_model_len_is_refused(tiny) -> None:
         ("max_num_batched_tokens", 0, r"max_num_batched_tokens must be a positive integer"),
         ("kv_cache_memory_bytes", 0, r"kv_cache_memory_bytes must be a positive integer"),
         ("gpu_memory_utilization", 1.5, r"gpu_memory_utilization must be in \(0, 1\]"),
+        ("lora_dtype", "int8", r"lora_dtype must be 'auto' or one of float32, .*; got 'int8'"),
     ],
 )
 def test_invalid_engine_args_name_the_option(option: str, value, message: str) -> None:

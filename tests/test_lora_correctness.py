@@ -120,6 +120,31 @@ def test_fewer_slots_and_cpu_entries_than_adapters_stays_exact(llama_adapters, t
     assert not any(manager.in_use.values())
 
 
+@pytest.mark.parametrize("lora_dtype", ["bfloat16", "float16"])
+def test_lora_dtype_keeps_16_bit_adapters_exact(tiny, tmp_path, lora_dtype: str) -> None:
+    """lora_dtype: adapters kept in 16 bits on a float32 model (half the bytes a LoRA step reads).
+    For adapters whose weights are 16-bit values (trained in 16 bits) and whose scaling is a
+    power of two, nothing is rounded: PEFT's float32 tokens and log-probabilities, to float32's
+    tolerance. (Other weights are rounded to the nearest 16-bit value: see docs/operator-guide.md.)"""
+    dtype = getattr(torch, lora_dtype)
+    specs = {name: TINY_ADAPTERS[name] for name in ("plain", "all_linear", "rslora", "regex", "layers")}
+    base = load_hf(tiny.path("llama"))
+    paths = {
+        name: make_adapter(base, tmp_path / name, seed=200 + i, values_of=dtype, **options)
+        for i, (name, options) in enumerate(specs.items())
+    }
+    oracle = PeftOracle(base, paths)
+    llm = lora_llm(tiny.path("llama"), max_loras=len(specs), max_lora_rank=16, lora_dtype=lora_dtype)
+    manager = llm.llm_engine.lora_manager
+    assert manager.storage.dtype == dtype
+    requests = {name: LoRARequest(name, i + 1, str(path)) for i, (name, path) in enumerate(paths.items())}
+    prompts, names = _mixed(PROMPTS, [None, *specs])
+    loras = [requests[n] if n else None for n in names]
+    outputs = llm.generate(prompts, greedy(NUM_TOKENS), use_tqdm=False, lora_request=loras)
+    assert_matches_oracle(outputs, names, oracle, LOGPROB_ATOL["tiny"])
+    assert all(adapter.image.dtype == dtype for adapter in manager.cpu_cache.values())
+
+
 def test_bin_adapter_matches_safetensors_and_peft(llama_adapters, tiny, tmp_path) -> None:
     """An adapter_model.bin (torch.save of the state dict, read with weights_only) serves the same."""
     from safetensors.torch import load_file

@@ -114,8 +114,9 @@ class LLMEngine:
     def _lora_manager(self) -> LoRAManager:
         args = self.args
         served = {self.served_model_name, self.model_path.name}
-        return LoRAManager(self.model, LoRAManagerConfig(args.max_loras, args.max_lora_rank,
-                                                         args.max_cpu_loras or args.max_loras, served))
+        config = LoRAManagerConfig(args.max_loras, args.max_lora_rank, args.max_cpu_loras or args.max_loras, served,
+                                   dtype=args.lora_torch_dtype(self.dtype))
+        return LoRAManager(self.model, config)
 
     def _lora_resolution(self) -> LoRAResolution:
         """Resolvers from the installed plugins (loaded once per process), asked for unknown names."""

@@ -46,6 +46,7 @@ class LoRAManagerConfig:
     max_lora_rank: int
     max_cpu_loras: int
     served_names: set[str] = field(default_factory=set)
+    dtype: torch.dtype | None = None  # the adapters' storage dtype; None: the model's
 
     def __post_init__(self) -> None:
         if self.max_loras < 1:
@@ -61,7 +62,7 @@ class LoRAManager:
         self.config = config
         self.model = model
         weight = model.embed_tokens.weight
-        self.dtype, self.device = weight.dtype, weight.device
+        self.dtype, self.device = config.dtype or weight.dtype, weight.device
         self.state = LoRAStepState()
         self.layout = SlotLayout(
             {(i, name): (getattr(layer, name).in_features, getattr(layer, name).output_sizes)

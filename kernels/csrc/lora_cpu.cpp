@@ -1,4 +1,5 @@
-// Shrink and expand for fp32 tokens on the CPU, one parallel region per call.
+// Shrink and expand for fp32 tokens on the CPU, one parallel region per call; the adapter weights
+// are fp32 or bf16 (`lora_dtype`: half the bytes to stream, widened to fp32 as they are read).
 //
 // A decode step's LoRA work is matrix-vector products: each token reads its adapter's A and B
 // once and does 2 flops per weight. GEMM libraries pack their operands and pay a call per slot,
@@ -12,9 +13,22 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
+
+struct BFloat16 {  // the top half of a float32
+  uint16_t bits;
+};
+
+inline float widen(float v) { return v; }
+inline float widen(BFloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
 
 constexpr int kRowBlock = 4;        // rows of A per shrink item: independent accumulators
 constexpr int kTokenBlock = 4;      // tokens of a run that share each weight load
@@ -26,17 +40,17 @@ struct Run {  // batch rows [start, end) use adapter slot `slot`
 };
 
 // ys[t][r] = rows[r] . xs[t] for NR rows of A and NT tokens.
-template <int NR, int NT>
-inline void shrink_block(const float* const* rows, const float* const* xs, int64_t k_len, float* const* ys) {
+template <typename W, int NR, int NT>
+inline void shrink_block(const W* const* rows, const float* const* xs, int64_t k_len, float* const* ys) {
   float acc[NR][NT][kLanes] = {};
   int64_t k = 0;
   for (; k + kLanes <= k_len; k += kLanes) {
     for (int t = 0; t < NT; ++t) {
       const float* x = xs[t] + k;
       for (int r = 0; r < NR; ++r) {
-        const float* w = rows[r] + k;
+        const W* w = rows[r] + k;
 #pragma omp simd
-        for (int l = 0; l < kLanes; ++l) acc[r][t][l] += w[l] * x[l];
+        for (int l = 0; l < kLanes; ++l) acc[r][t][l] += widen(w[l]) * x[l];
       }
     }
   }
@@ -44,71 +58,59 @@ inline void shrink_block(const float* const* rows, const float* const* xs, int64
     for (int r = 0; r < NR; ++r) {
       float sum = 0.f;
       for (int l = 0; l < kLanes; ++l) sum += acc[r][t][l];
-      for (int64_t kk = k; kk < k_len; ++kk) sum += rows[r][kk] * xs[t][kk];
+      for (int64_t kk = k; kk < k_len; ++kk) sum += widen(rows[r][kk]) * xs[t][kk];
       ys[t][r] = sum;
     }
   }
 }
 
 // y[t, 0:NR] = rows . x[t] for the n_tokens rows of one run (x rows sx apart, y rows sy apart).
-template <int NR>
-inline void shrink_run(const float* const* rows, const float* x, int64_t sx, int64_t k_len, float* y, int64_t sy,
+template <typename W, int NR>
+inline void shrink_run(const W* const* rows, const float* x, int64_t sx, int64_t k_len, float* y, int64_t sy,
                        int64_t n_tokens) {
   const float* xs[kTokenBlock];
   float* ys[kTokenBlock];
   int64_t t = 0;
   for (; t + kTokenBlock <= n_tokens; t += kTokenBlock) {
     for (int i = 0; i < kTokenBlock; ++i) xs[i] = x + (t + i) * sx, ys[i] = y + (t + i) * sy;
-    shrink_block<NR, kTokenBlock>(rows, xs, k_len, ys);
+    shrink_block<W, NR, kTokenBlock>(rows, xs, k_len, ys);
   }
   const int rest = static_cast<int>(n_tokens - t);
   for (int i = 0; i < rest; ++i) xs[i] = x + (t + i) * sx, ys[i] = y + (t + i) * sy;
-  if (rest == 1) shrink_block<NR, 1>(rows, xs, k_len, ys);
-  if (rest == 2) shrink_block<NR, 2>(rows, xs, k_len, ys);
-  if (rest == 3) shrink_block<NR, 3>(rows, xs, k_len, ys);
+  if (rest == 1) shrink_block<W, NR, 1>(rows, xs, k_len, ys);
+  if (rest == 2) shrink_block<W, NR, 2>(rows, xs, k_len, ys);
+  if (rest == 3) shrink_block<W, NR, 3>(rows, xs, k_len, ys);
 }
 
 // outs[t][0:w] += sum_r ys[t][r] * b[r * sbr : r * sbr + w] for NT tokens, w <= kColBlock.
-template <int NT>
-inline void expand_block(const float* b, int64_t sbr, int64_t rank, const float* const* ys, float* const* outs,
+template <typename W, int NT>
+inline void expand_block(const W* b, int64_t sbr, int64_t rank, const float* const* ys, float* const* outs,
                          int64_t w) {
   float acc[NT][kColBlock] = {};
   if (w == kColBlock) {  // the common case, with a trip count the compiler unrolls into registers
     for (int64_t r = 0; r < rank; ++r) {
-      const float* row = b + r * sbr;
+      const W* row = b + r * sbr;
       for (int t = 0; t < NT; ++t) {
         const float yv = ys[t][r];
 #pragma omp simd
-        for (int64_t c = 0; c < kColBlock; ++c) acc[t][c] += yv * row[c];
+        for (int64_t c = 0; c < kColBlock; ++c) acc[t][c] += yv * widen(row[c]);
       }
     }
   } else {
     for (int64_t r = 0; r < rank; ++r) {
-      const float* row = b + r * sbr;
+      const W* row = b + r * sbr;
       for (int t = 0; t < NT; ++t)
-        for (int64_t c = 0; c < w; ++c) acc[t][c] += ys[t][r] * row[c];
+        for (int64_t c = 0; c < w; ++c) acc[t][c] += ys[t][r] * widen(row[c]);
     }
   }
   for (int t = 0; t < NT; ++t)
     for (int64_t c = 0; c < w; ++c) outs[t][c] += acc[t][c];
 }
 
-}  // namespace
-
-extern "C" {
-
-// Arguments (element strides; the innermost stride of every tensor is 1):
-//   x [T, K] rows sx apart; A [S, nR, K] strides (sa0, sa1, 1), nR = n_slices * rank;
-//   B [S, rank, N] strides (sb0, sbr, 1), i.e. lora_b [S, N, rank] stored transposed;
-//   runs [n_runs, 3] int64 (start, end, slot), non-empty and disjoint;
-//   y [T, nR] rows sy apart (nullptr: a buffer of this call); out [T, N] rows so apart;
-//   offsets [n_slices + 1], the output slices' column offsets.
-// stages: 1 = shrink (y = x A^T on the runs' rows), 2 = expand (out += y B^T on them), 3 = both.
-void loraplex_lora_cpu(const float* x, int64_t sx, int64_t k_len, const float* a, int64_t sa0, int64_t sa1,
-                       const float* b, int64_t sb0, int64_t sbr, const int64_t* runs_flat, int64_t n_runs, float* y,
-                       int64_t sy, float* out, int64_t so, const int64_t* offsets, int64_t n_slices, int64_t rank,
-                       int stages, int num_threads) {
-  if (n_runs <= 0) return;
+template <typename W>
+void lora(const float* x, int64_t sx, int64_t k_len, const W* a, int64_t sa0, int64_t sa1, const W* b, int64_t sb0,
+          int64_t sbr, const int64_t* runs_flat, int64_t n_runs, float* y, int64_t sy, float* out, int64_t so,
+          const int64_t* offsets, int64_t n_slices, int64_t rank, int stages, int num_threads) {
   const Run* runs = reinterpret_cast<const Run*>(runs_flat);
   const int64_t n_rows = n_slices * rank;  // nR: y's width
   int64_t last_row = 0, n_tokens = 0;
@@ -136,15 +138,15 @@ void loraplex_lora_cpu(const float* x, int64_t sx, int64_t k_len, const float* a
       for (int64_t item = 0; item < n_runs * row_blocks; ++item) {
         const Run& run = runs[item / row_blocks];
         const int64_t j0 = (item % row_blocks) * kRowBlock;
-        const float* rows[kRowBlock];
+        const W* rows[kRowBlock];
         for (int r = 0; r < kRowBlock; ++r) rows[r] = a + run.slot * sa0 + std::min(j0 + r, n_rows - 1) * sa1;
         const float* xr = x + run.start * sx;
         float* yr = y + run.start * sy + j0;
         const int64_t len = run.end - run.start;
         if (j0 + kRowBlock <= n_rows) {
-          shrink_run<kRowBlock>(rows, xr, sx, k_len, yr, sy, len);
+          shrink_run<W, kRowBlock>(rows, xr, sx, k_len, yr, sy, len);
         } else {  // the last, partial block of rows
-          for (int r = 0; j0 + r < n_rows; ++r) shrink_run<1>(rows + r, xr, sx, k_len, yr + r, sy, len);
+          for (int r = 0; j0 + r < n_rows; ++r) shrink_run<W, 1>(rows + r, xr, sx, k_len, yr + r, sy, len);
         }
       }
     }  // the implicit barrier of `omp for`: y is complete before expand reads it
@@ -154,22 +156,47 @@ void loraplex_lora_cpu(const float* x, int64_t sx, int64_t k_len, const float* a
         const Run& run = runs[item / col_blocks];
         const int64_t c0 = col_start[item % col_blocks], slice = col_slice[item % col_blocks];
         const int64_t w = std::min(kColBlock, offsets[slice + 1] - c0);
-        const float* bs = b + run.slot * sb0 + c0;
+        const W* bs = b + run.slot * sb0 + c0;
         const float* ys[kTokenBlock];
         float* outs[kTokenBlock];
         int64_t t = run.start;
         for (; t + kTokenBlock <= run.end; t += kTokenBlock) {
           for (int i = 0; i < kTokenBlock; ++i) ys[i] = y + (t + i) * sy + slice * rank, outs[i] = out + (t + i) * so + c0;
-          expand_block<kTokenBlock>(bs, sbr, rank, ys, outs, w);
+          expand_block<W, kTokenBlock>(bs, sbr, rank, ys, outs, w);
         }
         const int rest = static_cast<int>(run.end - t);
         for (int i = 0; i < rest; ++i) ys[i] = y + (t + i) * sy + slice * rank, outs[i] = out + (t + i) * so + c0;
-        if (rest == 1) expand_block<1>(bs, sbr, rank, ys, outs, w);
-        if (rest == 2) expand_block<2>(bs, sbr, rank, ys, outs, w);
-        if (rest == 3) expand_block<3>(bs, sbr, rank, ys, outs, w);
+        if (rest == 1) expand_block<W, 1>(bs, sbr, rank, ys, outs, w);
+        if (rest == 2) expand_block<W, 2>(bs, sbr, rank, ys, outs, w);
+        if (rest == 3) expand_block<W, 3>(bs, sbr, rank, ys, outs, w);
       }
     }
   }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Arguments (element strides; the innermost stride of every tensor is 1):
+//   x [T, K] rows sx apart; A [S, nR, K] strides (sa0, sa1, 1), nR = n_slices * rank;
+//   B [S, rank, N] strides (sb0, sbr, 1), i.e. lora_b [S, N, rank] stored transposed;
+//   weight_dtype: A and B are 0 = fp32, 1 = bf16;
+//   runs [n_runs, 3] int64 (start, end, slot), non-empty and disjoint;
+//   y [T, nR] fp32 rows sy apart (nullptr: a buffer of this call); out [T, N] rows so apart;
+//   offsets [n_slices + 1], the output slices' column offsets.
+// stages: 1 = shrink (y = x A^T on the runs' rows), 2 = expand (out += y B^T on them), 3 = both.
+void loraplex_lora_cpu(const float* x, int64_t sx, int64_t k_len, const void* a, int64_t sa0, int64_t sa1,
+                       const void* b, int64_t sb0, int64_t sbr, int weight_dtype, const int64_t* runs, int64_t n_runs,
+                       float* y, int64_t sy, float* out, int64_t so, const int64_t* offsets, int64_t n_slices,
+                       int64_t rank, int stages, int num_threads) {
+  if (n_runs <= 0) return;
+  if (weight_dtype == 1)
+    lora<BFloat16>(x, sx, k_len, static_cast<const BFloat16*>(a), sa0, sa1, static_cast<const BFloat16*>(b), sb0, sbr,
+                   runs, n_runs, y, sy, out, so, offsets, n_slices, rank, stages, num_threads);
+  else
+    lora<float>(x, sx, k_len, static_cast<const float*>(a), sa0, sa1, static_cast<const float*>(b), sb0, sbr, runs,
+                n_runs, y, sy, out, so, offsets, n_slices, rank, stages, num_threads);
 }
 
 }  // extern "C"

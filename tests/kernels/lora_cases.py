@@ -72,24 +72,28 @@ def make_case(
     device: str | torch.device = "cpu",
     seed: int = 0,
     b_transposed: bool = False,
+    weight_dtype: torch.dtype | None = None,
 ) -> Case:
-    """`b_transposed`: store each slot's B as [R, N_total] in memory (the manager's layout)."""
+    """`b_transposed`: store each slot's B as [R, N_total] in memory (the manager's layout).
+    `weight_dtype`: store A and B in another dtype than the activations (`lora_dtype`)."""
     g = torch.Generator().manual_seed(seed)
     offsets = tuple(int(o) for o in torch.tensor([0, *slice_widths]).cumsum(0).tolist())
     n_slices = len(slice_widths)
     token_slots = slot_pattern(slots, num_tokens, num_slots, seed) if isinstance(slots, str) else list(slots)
 
-    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=device)
+    def rand(*shape: int, scale: float = 1.0, as_dtype: torch.dtype = dtype) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(dtype=as_dtype, device=device)
+
+    wd = weight_dtype or dtype
 
     # Scaled so y and the delta are ~N(0, 1) whatever the sizes.
     return Case(
         x=rand(num_tokens, in_features),
-        lora_a=rand(num_slots, n_slices * rank, in_features, scale=in_features**-0.5),
+        lora_a=rand(num_slots, n_slices * rank, in_features, scale=in_features**-0.5, as_dtype=wd),
         lora_b=(
-            rand(num_slots, rank, offsets[-1], scale=rank**-0.5).transpose(1, 2)
+            rand(num_slots, rank, offsets[-1], scale=rank**-0.5, as_dtype=wd).transpose(1, 2)
             if b_transposed
-            else rand(num_slots, offsets[-1], rank, scale=rank**-0.5)
+            else rand(num_slots, offsets[-1], rank, scale=rank**-0.5, as_dtype=wd)
         ),
         base=rand(num_tokens, offsets[-1]),
         token_slots=torch.tensor(token_slots, dtype=torch.int64, device=device),

@@ -102,6 +102,29 @@ def test_apply_shrink_expand_agree_with_reference(request, backend: str, dtype: 
     assert torch.equal(out[inactive_rows(case)], case.base[inactive_rows(case)])
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu", "triton"])
+@pytest.mark.parametrize("pattern", ["decode", "prefill"])
+def test_weights_stored_in_another_dtype(request, backend: str, pattern: str) -> None:
+    """lora_dtype: bf16 weights for fp32 tokens are widened as read, so the result is the fp32
+    reference's on the same (bf16-valued) weights."""
+    device = "cpu"
+    if backend == "triton":
+        request.getfixturevalue("triton_ops")
+        device = request.getfixturevalue("kernel_device")
+    if backend == "cpu" and not native_cpu.available():
+        pytest.skip(f"the native CPU kernel is unavailable: {native_cpu.unavailable_reason()}")
+    case = make_case(
+        20, 48, 8, 3, (16, 8), slots=pattern, device=device, b_transposed=True, weight_dtype=torch.bfloat16
+    )
+    expected = reference_expand(case, reference_shrink(case))
+    mapping = case.mapping()
+    out = lora_apply(case.x, case.lora_a, case.lora_b, mapping, case.base.clone(), case.offsets, backend=backend)
+    assert_close(out, expected)
+    y = lora_shrink(case.x, case.lora_a, None, 2, mapping=mapping, backend=backend)
+    assert y.dtype == torch.float32
+    assert_close(y, reference_shrink(case))
+
+
 def test_one_mapping_serves_modules_of_different_shapes() -> None:
     slots = [0, 2, -1, 1, 2]
     qkv = make_case(5, 24, 4, 3, (24, 8, 8), slots=slots, seed=1)

@@ -40,10 +40,15 @@ def _native(case, threads: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 @needs_kernel
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-weights"])
 @pytest.mark.parametrize(("rank", "hidden", "slots", "widths"), GRID)
-def test_matches_reference(rank: int, hidden: int, slots: int, widths: tuple[int, ...]) -> None:
+def test_matches_reference(rank: int, hidden: int, slots: int, widths: tuple[int, ...], weight_dtype) -> None:
+    """fp32 tokens; the weights fp32 or bf16 (lora_dtype), which the reference widens the same way."""
     pattern = PATTERNS[GRID.index((rank, hidden, slots, widths)) % len(PATTERNS)]
-    case = make_case(12, hidden, rank, slots, widths, slots=pattern, seed=rank + hidden + slots, b_transposed=True)
+    case = make_case(
+        12, hidden, rank, slots, widths, slots=pattern, seed=rank + hidden + slots, b_transposed=True,
+        weight_dtype=weight_dtype,
+    )
     y_ref = reference_shrink(case)
     out_ref = reference_expand(case, y_ref)
     y, expanded, applied = _native(case)
@@ -54,11 +59,14 @@ def test_matches_reference(rank: int, hidden: int, slots: int, widths: tuple[int
 
 
 @needs_kernel
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-weights"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("pattern", ["decode", "prefill", "ordered"])
-def test_parallel_region_matches_reference(threads: int, pattern: str) -> None:
+def test_parallel_region_matches_reference(threads: int, pattern: str, weight_dtype: torch.dtype) -> None:
     """Big enough to fork: runs longer than a token block, slots spread over the items."""
-    case = make_case(70, 576, 16, 8, (576, 192, 192), slots=pattern, seed=threads, b_transposed=True)
+    case = make_case(
+        70, 576, 16, 8, (576, 192, 192), slots=pattern, seed=threads, b_transposed=True, weight_dtype=weight_dtype
+    )
     y_ref = reference_shrink(case)
     out_ref = reference_expand(case, y_ref)
     for result in _native(case, threads):
@@ -93,13 +101,14 @@ def test_automatic_choice_takes_it_for_float32_only() -> None:
 @pytest.mark.parametrize(
     ("case_kwargs", "message"),
     [
-        (dict(dtype=torch.bfloat16, b_transposed=True), r"float32 only, and x, lora_a, lora_b, out are not"),
+        (dict(dtype=torch.bfloat16, b_transposed=True), r"it takes float32 activations only, and x, out are not"),
+        (dict(weight_dtype=torch.float16, b_transposed=True), r"float32 or bfloat16 weights only, not torch.float16"),
         (dict(b_transposed=False), r"lora_b \[S, N, R\] must be stored transposed"),
     ],
 )
 def test_operands_it_cannot_take_are_refused_by_name(case_kwargs: dict, message: str) -> None:
     case = make_case(6, 32, 4, 2, (16,), **case_kwargs)
-    with pytest.raises(ValueError, match=rf"LoRA backend 'cpu' cannot run these operands: it takes {message}|{message}"):
+    with pytest.raises(ValueError, match=rf"LoRA backend 'cpu' cannot run these operands: .*{message}.* Use backend 'torch'"):
         lora_apply(case.x, case.lora_a, case.lora_b, case.mapping(), case.base.clone(), case.offsets, backend="cpu")
     # the automatic choice falls back to torch and still gives the right answer
     out = lora_apply(case.x, case.lora_a, case.lora_b, case.mapping(), case.base.clone(), case.offsets)

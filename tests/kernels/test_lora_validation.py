@@ -68,9 +68,9 @@ CASES = {
         _shrink(x=_x().t().contiguous().t()),
         r"`x` must be contiguous in its last dimension.*Pass `x.contiguous\(\)`",
     ),
-    "a-dtype": (
-        _shrink(lora_a=_a(dtype=torch.float16)),
-        r"`lora_a` must be torch.float32 \(the dtype of `x`\); got torch.float16",
+    "a-dtype": (  # another float dtype than x's is fine (lora_dtype); an int is not
+        _shrink(lora_a=_a().to(torch.int32)),
+        r"`lora_a` must be float16, bfloat16 or float32; got torch.int32",
     ),
     "a-rows": (
         _shrink(n_slices=3),
@@ -126,8 +126,8 @@ CASES = {
     ),
     "y-dtype": (_expand(y=torch.randn(T, 8, dtype=torch.float16)), r"`y` must be torch.float32 .*; got torch.float16"),
     "b-dtype": (
-        _expand(lora_b=_b(dtype=torch.bfloat16)),
-        r"`lora_b` must be torch.float32 \(the dtype of `out`\); got torch.bfloat16",
+        _expand(lora_b=_b(dtype=torch.float64)),
+        r"`lora_b` must be float16, bfloat16 or float32; got torch.float64",
     ),
     "b-3d": (_expand(lora_b=torch.zeros(12, R)), r"`lora_b` must be 3-D \[S, N_total, R\]; got 2-D"),
     "out-rows": (_expand(out=torch.zeros(T + 1, 12)), r"`out` must be of shape \[T, N_total\] = \[4, 12\]"),
