@@ -6,6 +6,8 @@ Measures, with the same prompts and `--new-tokens` greedy tokens each:
   loraplex base-only and with 1 adapter (16 prompts)
   loraplex 64 prompts over 64 distinct adapters, and 64 prompts on 1 adapter
 and the time to make an adapter ready: disk -> device slot, and CPU cache -> device slot.
+The loraplex runs are made once per `--lora-dtypes` entry: the adapters stored in the model's
+float32 ("auto"), then in bfloat16 (half the bytes each LoRA step reads).
 The loraplex runs alternate `--repeats` times and each keeps its best: on a shared machine whose
 speed drifts, the ratios then compare like with like.
 Run: `python benchmarks/bench_lora.py` (adapters are written once under --workdir).
@@ -84,6 +86,10 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/loraplex-bench-adapters"))
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds of the loraplex runs; best kept")
     parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument(
+        "--lora-dtypes", nargs="+", default=["auto", "bfloat16"],
+        help="lora_dtype of each loraplex engine measured (auto: the model's float32)",
+    )
     args = parser.parse_args()
 
     from loraplex import LLM, LoRARequest
@@ -100,28 +106,36 @@ def main() -> None:
     results: dict[str, float] = {}
     if not args.skip_peft:
         results["peft mixed 16 prompts / 8 adapters"] = peft_mixed(base_dir, adapters[:8], p16, n)
-    llm = LLM(base_dir, device="cpu", enable_lora=True, max_loras=64, max_lora_rank=16, max_cpu_loras=64)
     runs = {
-        "loraplex mixed 16 prompts / 8 adapters": (p16, [requests[i % 8] for i in range(16)]),
-        "loraplex base only, 16 prompts": (p16, [None] * 16),
-        "loraplex 1 adapter, 16 prompts": (p16, [requests[0]] * 16),
-        "loraplex 64 prompts / 64 adapters": (p64, requests),
-        "loraplex 64 prompts / 1 adapter": (p64, [requests[0]] * 64),
+        "mixed 16 prompts / 8 adapters": (p16, [requests[i % 8] for i in range(16)]),
+        "base only, 16 prompts": (p16, [None] * 16),
+        "1 adapter, 16 prompts": (p16, [requests[0]] * 16),
+        "64 prompts / 64 adapters": (p64, requests),
+        "64 prompts / 1 adapter": (p64, [requests[0]] * 64),
     }
-    for _ in range(args.repeats):
-        for name, (prompts, loras) in runs.items():
-            results[name] = max(results.get(name, 0.0), loraplex_run(llm, prompts, loras, n))
+    for lora_dtype in args.lora_dtypes:
+        llm = LLM(base_dir, device="cpu", enable_lora=True, max_loras=64, max_lora_rank=16, max_cpu_loras=64,
+                  lora_dtype=lora_dtype)
+        label = "loraplex" if lora_dtype == "auto" else f"loraplex lora_dtype={lora_dtype}"
+        for _ in range(args.repeats):
+            for name, (prompts, loras) in runs.items():
+                key = f"{label} {name}"
+                results[key] = max(results.get(key, 0.0), loraplex_run(llm, prompts, loras, n))
+        if lora_dtype != args.lora_dtypes[-1]:
+            del llm
     for name, tps in results.items():
-        print(f"{name:<42} {tps:8.1f} tok/s")
+        print(f"{name:<60} {tps:8.1f} tok/s")
 
     def ratio(a: str, b: str, target: float) -> None:
         if a in results and b in results:
             r = results[a] / results[b]
             print(f"{a}  /  {b}: {r:.2f}x (target >= {target}x) {'ok' if r >= target else 'MISSED'}")
 
-    ratio("loraplex mixed 16 prompts / 8 adapters", "peft mixed 16 prompts / 8 adapters", 3.0)
-    ratio("loraplex mixed 16 prompts / 8 adapters", "loraplex base only, 16 prompts", 0.85)
-    ratio("loraplex 64 prompts / 64 adapters", "loraplex 64 prompts / 1 adapter", 0.8)
+    for lora_dtype in args.lora_dtypes:
+        label = "loraplex" if lora_dtype == "auto" else f"loraplex lora_dtype={lora_dtype}"
+        ratio(f"{label} mixed 16 prompts / 8 adapters", "peft mixed 16 prompts / 8 adapters", 3.0)
+        ratio(f"{label} mixed 16 prompts / 8 adapters", f"{label} base only, 16 prompts", 0.85)
+        ratio(f"{label} 64 prompts / 64 adapters", f"{label} 64 prompts / 1 adapter", 0.8)
     disk_ms, cpu_ms = activation_times(llm, adapters, repeats=8)
     print(f"activation, disk -> slot: {disk_ms:.1f} ms (target < 50); CPU cache -> slot: {cpu_ms:.2f} ms (target < 5)")
 

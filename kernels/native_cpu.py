@@ -42,17 +42,21 @@ _SHRINK, _EXPAND = 1, 2
 WEIGHT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # what the kernel reads A and B as
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-_ARGTYPES = [
-    _PTR, _I64, _I64,  # x, row stride, K
-    _PTR, _I64, _I64,  # A, slot stride, row stride
-    _PTR, _I64, _I64,  # B (stored [S, R, N]), slot stride, rank stride
-    ctypes.c_int,  # the weights' dtype: 0 = float32, 1 = bfloat16
-    _PTR, _I64,  # runs [n, 3], n
-    _PTR, _I64,  # y (or NULL), row stride
-    _PTR, _I64,  # out, row stride
-    _PTR, _I64, _I64,  # slice offsets, n_slices, rank
-    ctypes.c_int, ctypes.c_int,  # stages, threads
-]
+
+
+class _Weights(ctypes.Structure):
+    """`LoRAWeights` of csrc/lora_cpu.cpp: one wrapped linear's A and B, made once per binding."""
+
+    _fields_ = [
+        ("a", _PTR), ("sa0", _I64), ("sa1", _I64),  # A [S, nR, K]: slot and row strides
+        ("b", _PTR), ("sb0", _I64), ("sbr", _I64),  # B stored [S, R, N]: slot and rank strides
+        ("k_len", _I64), ("n_slices", _I64), ("rank", _I64), ("weight_dtype", _I64),
+        ("offsets", ctypes.POINTER(_I64)),  # [n_slices + 1]
+    ]  # fmt: skip
+
+
+# weights, x, its row stride, y (or NULL), its row stride, out, its row stride, runs, n_runs, stages, threads
+_ARGTYPES = [ctypes.POINTER(_Weights), _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, ctypes.c_int, ctypes.c_int]
 
 
 def available() -> bool:
@@ -93,9 +97,8 @@ def shrink(
 ) -> torch.Tensor:
     if mapping.num_active_tokens < mapping.num_tokens:
         out.zero_()  # the kernel writes the active rows only
-    rank = lora_a.shape[1] // n_slices
-    offsets = [0] * (n_slices + 1)  # expand's columns: unused by the shrink stage
-    _call(x, lora_a, None, mapping, out, None, offsets, rank, _SHRINK)
+    weights = _weights(lora_a, None, n_slices, (0,) * (n_slices + 1))  # no columns: no expand
+    _run(weights, x, out, None, mapping, _SHRINK)
     return out
 
 
@@ -106,7 +109,7 @@ def expand(
     out: torch.Tensor,  # [T, N_total]
     slice_offsets: Sequence[int],
 ) -> torch.Tensor:
-    _call(None, None, lora_b, mapping, y, out, slice_offsets, lora_b.shape[2], _EXPAND)
+    _run(_weights(None, lora_b, len(slice_offsets) - 1, tuple(slice_offsets)), None, y, out, mapping, _EXPAND)
     return out
 
 
@@ -127,42 +130,49 @@ def bind_apply(
     lora_b: torch.Tensor,  # [S, N_total, R]
     slice_offsets: Sequence[int],
 ) -> Callable[[torch.Tensor, LoRABatchMapping, torch.Tensor], torch.Tensor]:
-    """`apply` with the weights' arguments worked out once: what a model's layer calls each step.
+    """`apply` with the weights' arguments packed once: what a model's layer calls each step.
 
     The weights must stay where they are (the LoRA manager rewrites slots in place).
     """
     kernel = _kernel()
-    fixed_a = (lora_a.data_ptr(), lora_a.stride(0), lora_a.stride(1))
-    fixed_b = (lora_b.data_ptr(), lora_b.stride(0), lora_b.stride(2), WEIGHT_DTYPES[lora_b.dtype])
-    fixed_tail = (_offsets(tuple(slice_offsets)), len(slice_offsets) - 1, lora_b.shape[2], _SHRINK | _EXPAND)
-    weights = (lora_a, lora_b)  # held so the addresses above stay valid
+    weights = _weights(lora_a, lora_b, len(slice_offsets) - 1, tuple(slice_offsets))
+    both = _SHRINK | _EXPAND
 
     def apply(x: torch.Tensor, mapping: LoRABatchMapping, out: torch.Tensor) -> torch.Tensor:
-        assert weights  # keeps the weights alive with this closure
         runs = mapping.runs_table  # [n_runs, 3] int64: start, end, slot
-        kernel(
-            x.data_ptr(), x.stride(0), x.shape[1], *fixed_a, *fixed_b, runs.data_ptr(), runs.shape[0],
-            None, 0, out.data_ptr(), out.stride(0), *fixed_tail, torch.get_num_threads(),
-        )  # fmt: skip
+        threads = torch.get_num_threads()
+        kernel(weights, x.data_ptr(), x.stride(0), None, 0, out.data_ptr(), out.stride(0), runs.data_ptr(), runs.shape[0], both, threads)
         return out
 
     return apply
 
 
-def _call(x, lora_a, lora_b, mapping, y, out, slice_offsets, rank, stages) -> None:
+def _weights(
+    lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, n_slices: int, slice_offsets: tuple[int, ...]
+) -> _Weights:
+    """The kernel's view of the weights (one of them None for a shrink or expand alone).
+
+    The structure holds the tensors (and the offsets' array) so its addresses stay valid.
+    """
+    some = lora_a if lora_a is not None else lora_b
+    offsets = (_I64 * len(slice_offsets))(*slice_offsets)
+    weights = _Weights(
+        *(_rows(lora_a) + (lora_a.stride(1),) if lora_a is not None else (None, 0, 0)),
+        *(_rows(lora_b) + (lora_b.stride(2),) if lora_b is not None else (None, 0, 0)),
+        lora_a.shape[2] if lora_a is not None else 0,
+        n_slices,
+        lora_b.shape[2] if lora_b is not None else lora_a.shape[1] // n_slices,
+        WEIGHT_DTYPES[some.dtype],
+        offsets,
+    )  # fmt: skip
+    weights.keep_alive = (lora_a, lora_b, offsets)
+    return weights
+
+
+def _run(weights: _Weights, x, y, out, mapping: LoRABatchMapping, stages: int) -> None:
     """One kernel call; the operands a stage does not use are None."""
     runs = mapping.runs_table  # [n_runs, 3] int64: start, end, slot
-    _kernel()(
-        *_rows(x), x.shape[1] if x is not None else 0,
-        *_rows(lora_a), lora_a.stride(1) if lora_a is not None else 0,
-        *_rows(lora_b), lora_b.stride(2) if lora_b is not None else 0,
-        WEIGHT_DTYPES[(lora_a if lora_a is not None else lora_b).dtype],
-        runs.data_ptr(), runs.shape[0],
-        *_rows(y),
-        *_rows(out),
-        _offsets(tuple(slice_offsets)), len(slice_offsets) - 1, rank,
-        stages, torch.get_num_threads(),
-    )  # fmt: skip
+    _kernel()(weights, *_rows(x), *_rows(y), *_rows(out), runs.data_ptr(), runs.shape[0], stages, torch.get_num_threads())
 
 
 def _kernel() -> ctypes._CFuncPtr:
@@ -175,12 +185,6 @@ def _kernel() -> ctypes._CFuncPtr:
 def _rows(t: torch.Tensor | None) -> tuple[int | None, int]:
     """(data pointer, stride of the first dimension), or (NULL, 0) for an operand not used."""
     return (t.data_ptr(), t.stride(0)) if t is not None else (None, 0)
-
-
-@functools.cache
-def _offsets(slice_offsets: tuple[int, ...]) -> ctypes.Array:
-    """The slice offsets as a C array; a model has a handful of distinct ones."""
-    return (ctypes.c_int64 * len(slice_offsets))(*slice_offsets)
 
 
 @functools.cache

@@ -178,25 +178,32 @@ void lora(const float* x, int64_t sx, int64_t k_len, const W* a, int64_t sa0, in
 
 extern "C" {
 
-// Arguments (element strides; the innermost stride of every tensor is 1):
-//   x [T, K] rows sx apart; A [S, nR, K] strides (sa0, sa1, 1), nR = n_slices * rank;
-//   B [S, rank, N] strides (sb0, sbr, 1), i.e. lora_b [S, N, rank] stored transposed;
-//   weight_dtype: A and B are 0 = fp32, 1 = bf16;
-//   runs [n_runs, 3] int64 (start, end, slot), non-empty and disjoint;
-//   y [T, nR] fp32 rows sy apart (nullptr: a buffer of this call); out [T, N] rows so apart;
-//   offsets [n_slices + 1], the output slices' column offsets.
+// One wrapped linear's adapter weights, fixed for the model's life (element strides; the
+// innermost stride is 1): A [S, nR, K] strides (sa0, sa1, 1), nR = n_slices * rank; B stored
+// [S, rank, N] strides (sb0, sbr, 1), i.e. lora_b [S, N, rank] transposed; both fp32
+// (weight_dtype 0) or bf16 (1); offsets [n_slices + 1], the output slices' column offsets.
+struct LoRAWeights {
+  const void* a;
+  int64_t sa0, sa1;
+  const void* b;
+  int64_t sb0, sbr;
+  int64_t k_len, n_slices, rank, weight_dtype;
+  const int64_t* offsets;
+};
+
+// x [T, K] fp32 rows sx apart; y [T, nR] fp32 rows sy apart (nullptr: a buffer of this call);
+// out [T, N] fp32 rows so apart; runs [n_runs, 3] int64 (start, end, slot), non-empty, disjoint.
 // stages: 1 = shrink (y = x A^T on the runs' rows), 2 = expand (out += y B^T on them), 3 = both.
-void loraplex_lora_cpu(const float* x, int64_t sx, int64_t k_len, const void* a, int64_t sa0, int64_t sa1,
-                       const void* b, int64_t sb0, int64_t sbr, int weight_dtype, const int64_t* runs, int64_t n_runs,
-                       float* y, int64_t sy, float* out, int64_t so, const int64_t* offsets, int64_t n_slices,
-                       int64_t rank, int stages, int num_threads) {
+void loraplex_lora_cpu(const LoRAWeights* w, const float* x, int64_t sx, float* y, int64_t sy, float* out, int64_t so,
+                       const int64_t* runs, int64_t n_runs, int stages, int num_threads) {
   if (n_runs <= 0) return;
-  if (weight_dtype == 1)
-    lora<BFloat16>(x, sx, k_len, static_cast<const BFloat16*>(a), sa0, sa1, static_cast<const BFloat16*>(b), sb0, sbr,
-                   runs, n_runs, y, sy, out, so, offsets, n_slices, rank, stages, num_threads);
+  if (w->weight_dtype == 1)
+    lora<BFloat16>(x, sx, w->k_len, static_cast<const BFloat16*>(w->a), w->sa0, w->sa1,
+                   static_cast<const BFloat16*>(w->b), w->sb0, w->sbr, runs, n_runs, y, sy, out, so, w->offsets,
+                   w->n_slices, w->rank, stages, num_threads);
   else
-    lora<float>(x, sx, k_len, static_cast<const float*>(a), sa0, sa1, static_cast<const float*>(b), sb0, sbr, runs,
-                n_runs, y, sy, out, so, offsets, n_slices, rank, stages, num_threads);
+    lora<float>(x, sx, w->k_len, static_cast<const float*>(w->a), w->sa0, w->sa1, static_cast<const float*>(w->b),
+                w->sb0, w->sbr, runs, n_runs, y, sy, out, so, w->offsets, w->n_slices, w->rank, stages, num_threads);
 }
 
 }  // extern "C"
