@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -34,6 +35,7 @@ constexpr int kRowBlock = 4;        // rows of A per shrink item: independent ac
 constexpr int kTokenBlock = 4;      // tokens of a run that share each weight load
 constexpr int64_t kColBlock = 64;   // output columns per expand item
 constexpr int kLanes = 16;          // accumulator width, mapped to SIMD registers by the compiler
+constexpr int64_t kWidenOnceTokens = 3;  // bf16 weights serving this many tokens are widened first
 
 struct Run {  // batch rows [start, end) use adapter slot `slot`
   int64_t start, end, slot;
@@ -107,6 +109,55 @@ inline void expand_block(const W* b, int64_t sbr, int64_t rank, const float* con
     for (int64_t c = 0; c < w; ++c) outs[t][c] += acc[t][c];
 }
 
+// One shrink item: y[t, 0:n] = A rows [0, n) (sa1 apart) . x[t] for the n_tokens of a run.
+template <typename W>
+void shrink_item(const W* a, int64_t sa1, int64_t n, const float* x, int64_t sx, int64_t k_len, float* y, int64_t sy,
+                 int64_t n_tokens) {
+  if constexpr (std::is_same_v<W, BFloat16>) {
+    if (n_tokens >= kWidenOnceTokens) {  // rows shared by several tokens: widened once, not per token
+      thread_local std::vector<float> wide;
+      wide.resize(n * k_len);  // [n, K]
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t k = 0; k < k_len; ++k) wide[r * k_len + k] = widen(a[r * sa1 + k]);
+      return shrink_item<float>(wide.data(), k_len, n, x, sx, k_len, y, sy, n_tokens);
+    }
+  }
+  const W* rows[kRowBlock];
+  for (int r = 0; r < kRowBlock; ++r) rows[r] = a + std::min<int64_t>(r, n - 1) * sa1;
+  if (n == kRowBlock) {
+    shrink_run<W, kRowBlock>(rows, x, sx, k_len, y, sy, n_tokens);
+  } else {  // the last, partial block of rows
+    for (int r = 0; r < n; ++r) shrink_run<W, 1>(rows + r, x, sx, k_len, y + r, sy, n_tokens);
+  }
+}
+
+// One expand item: out[t, 0:w] += y[t, 0:rank] . B[0:rank, 0:w] (rows sbr apart) for a run's tokens.
+template <typename W>
+void expand_item(const W* b, int64_t sbr, int64_t rank, int64_t w, const float* y, int64_t sy, float* out, int64_t so,
+                 int64_t n_tokens) {
+  if constexpr (std::is_same_v<W, BFloat16>) {
+    if (n_tokens >= kWidenOnceTokens) {  // as in shrink_item
+      thread_local std::vector<float> wide;
+      wide.resize(rank * kColBlock);  // [rank, kColBlock]
+      for (int64_t r = 0; r < rank; ++r)
+        for (int64_t c = 0; c < w; ++c) wide[r * kColBlock + c] = widen(b[r * sbr + c]);
+      return expand_item<float>(wide.data(), kColBlock, rank, w, y, sy, out, so, n_tokens);
+    }
+  }
+  const float* ys[kTokenBlock];
+  float* outs[kTokenBlock];
+  int64_t t = 0;
+  for (; t + kTokenBlock <= n_tokens; t += kTokenBlock) {
+    for (int i = 0; i < kTokenBlock; ++i) ys[i] = y + (t + i) * sy, outs[i] = out + (t + i) * so;
+    expand_block<W, kTokenBlock>(b, sbr, rank, ys, outs, w);
+  }
+  const int rest = static_cast<int>(n_tokens - t);
+  for (int i = 0; i < rest; ++i) ys[i] = y + (t + i) * sy, outs[i] = out + (t + i) * so;
+  if (rest == 1) expand_block<W, 1>(b, sbr, rank, ys, outs, w);
+  if (rest == 2) expand_block<W, 2>(b, sbr, rank, ys, outs, w);
+  if (rest == 3) expand_block<W, 3>(b, sbr, rank, ys, outs, w);
+}
+
 template <typename W>
 void lora(const float* x, int64_t sx, int64_t k_len, const W* a, int64_t sa0, int64_t sa1, const W* b, int64_t sb0,
           int64_t sbr, const int64_t* runs_flat, int64_t n_runs, float* y, int64_t sy, float* out, int64_t so,
@@ -138,16 +189,8 @@ void lora(const float* x, int64_t sx, int64_t k_len, const W* a, int64_t sa0, in
       for (int64_t item = 0; item < n_runs * row_blocks; ++item) {
         const Run& run = runs[item / row_blocks];
         const int64_t j0 = (item % row_blocks) * kRowBlock;
-        const W* rows[kRowBlock];
-        for (int r = 0; r < kRowBlock; ++r) rows[r] = a + run.slot * sa0 + std::min(j0 + r, n_rows - 1) * sa1;
-        const float* xr = x + run.start * sx;
-        float* yr = y + run.start * sy + j0;
-        const int64_t len = run.end - run.start;
-        if (j0 + kRowBlock <= n_rows) {
-          shrink_run<W, kRowBlock>(rows, xr, sx, k_len, yr, sy, len);
-        } else {  // the last, partial block of rows
-          for (int r = 0; j0 + r < n_rows; ++r) shrink_run<W, 1>(rows + r, xr, sx, k_len, yr + r, sy, len);
-        }
+        shrink_item(a + run.slot * sa0 + j0 * sa1, sa1, std::min<int64_t>(kRowBlock, n_rows - j0), x + run.start * sx,
+                    sx, k_len, y + run.start * sy + j0, sy, run.end - run.start);
       }
     }  // the implicit barrier of `omp for`: y is complete before expand reads it
     if (do_expand) {
@@ -155,20 +198,8 @@ void lora(const float* x, int64_t sx, int64_t k_len, const W* a, int64_t sa0, in
       for (int64_t item = 0; item < n_runs * col_blocks; ++item) {
         const Run& run = runs[item / col_blocks];
         const int64_t c0 = col_start[item % col_blocks], slice = col_slice[item % col_blocks];
-        const int64_t w = std::min(kColBlock, offsets[slice + 1] - c0);
-        const W* bs = b + run.slot * sb0 + c0;
-        const float* ys[kTokenBlock];
-        float* outs[kTokenBlock];
-        int64_t t = run.start;
-        for (; t + kTokenBlock <= run.end; t += kTokenBlock) {
-          for (int i = 0; i < kTokenBlock; ++i) ys[i] = y + (t + i) * sy + slice * rank, outs[i] = out + (t + i) * so + c0;
-          expand_block<W, kTokenBlock>(bs, sbr, rank, ys, outs, w);
-        }
-        const int rest = static_cast<int>(run.end - t);
-        for (int i = 0; i < rest; ++i) ys[i] = y + (t + i) * sy + slice * rank, outs[i] = out + (t + i) * so + c0;
-        if (rest == 1) expand_block<W, 1>(bs, sbr, rank, ys, outs, w);
-        if (rest == 2) expand_block<W, 2>(bs, sbr, rank, ys, outs, w);
-        if (rest == 3) expand_block<W, 3>(bs, sbr, rank, ys, outs, w);
+        expand_item(b + run.slot * sb0 + c0, sbr, rank, std::min(kColBlock, offsets[slice + 1] - c0),
+                    y + run.start * sy + slice * rank, sy, out + run.start * so + c0, so, run.end - run.start);
       }
     }
   }
