@@ -1,10 +1,11 @@
-"""Compare the torch formulations of LoRA shrink+expand on CPU at the embedded model's shapes.
+"""Compare the CPU implementations of LoRA shrink+expand at the embedded model's shapes.
 
 SmolLM2-135M: hidden 576, packed q/k/v out 576/192/192, o 576, gate/up 1536/1536, down
 1536 -> 576, rank 16. Each formulation in `loraplex.kernels.torch_ops.FORMULATIONS` runs shrink then expand
-(what `lora_apply` does) for the four wrapped modules of one decoder layer; the script prints
-the median time per layer and per module, side by side, plus what `choose_formulation` picks
-and what the public `lora_apply` (checks and choice included) costs. Every formulation's output
+(what `lora_apply` does) for the four wrapped modules of one decoder layer, beside the native
+CPU kernel (`cpu`, bound once as the model's layers bind it); the script prints the median time
+per layer and per module, side by side, plus what `choose_formulation` picks and what the public
+`lora_apply` (checks and the automatic backend included) costs. Every formulation's output
 is checked against the reference before it is timed. A second table compares "batched" with
 "grouped" as a step's order forms more slot groups (where the default switches).
 
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from loraplex.kernels import lora_apply, reference, torch_ops
+from loraplex.kernels import lora_apply, native_cpu, reference, torch_ops
 from loraplex.kernels.mapping import LoRABatchMapping
 
 HIDDEN = 576
@@ -89,7 +90,8 @@ def median_seconds(fn: Callable[[], object], min_time: float = 0.3, repeats: int
 
 def run(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
-    names = [*torch_ops.FORMULATIONS, "lora_apply"]  # the last: the public call, checks included
+    # then the native kernel (when it builds), and the public call, checks and choice included
+    names = [*torch_ops.FORMULATIONS, *(["cpu"] if native_cpu.available() else []), "lora_apply"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, dtype {dtype}, rank {RANK}")
     header = f"{'scenario':28s} {'module':8s} " + " ".join(f"{n:>11s}" for n in names) + "   default"
     print(header)
@@ -116,10 +118,10 @@ def run(dtype: torch.dtype) -> None:
                 totals[name] += seconds
                 cells.append(f"{seconds * 1e6:9.1f}us")
             print(f"{sc.name:28s} {mod.name:8s} " + " ".join(cells))
-        best = min(torch_ops.FORMULATIONS, key=totals.__getitem__)
+        best = min([n for n in names if n != "lora_apply"], key=totals.__getitem__)
         cells = [f"{totals[n] * 1e6:9.1f}us" for n in names]
         chosen = torch_ops.choose_formulation(mapping)
-        print(f"{sc.name:28s} {'layer':8s} " + " ".join(cells) + f"   {chosen} (fastest: {best})")
+        print(f"{sc.name:28s} {'layer':8s} " + " ".join(cells) + f"   torch: {chosen} (fastest: {best})")
         print()
 
 
@@ -156,7 +158,10 @@ def _b_as_stored(b: torch.Tensor) -> torch.Tensor:
 def _apply_step(name, x, lora_a, lora_b, mapping, out, offsets) -> Callable[[], torch.Tensor]:
     """shrink + expand into `out` with one formulation (each call adds the delta again)."""
     if name == "lora_apply":
-        return lambda: lora_apply(x, lora_a, lora_b, mapping, out, offsets, backend="torch")
+        return lambda: lora_apply(x, lora_a, lora_b, mapping, out, offsets)
+    if name == "cpu":
+        bound = native_cpu.bind_apply(lora_a, lora_b, offsets)
+        return lambda: bound(x, mapping, out)
     shrink_fn, expand_fn = torch_ops.FORMULATIONS[name]
     y = torch.empty(x.shape[0], lora_a.shape[1], dtype=x.dtype)  # [T, nR]
 

@@ -145,7 +145,8 @@ class LoRABatchMapping:
     @functools.cached_property
     def runs_table(self) -> torch.Tensor:
         """`runs_host` as the native CPU kernel reads it: [n_runs, 3] int64 (start, end, slot)."""
-        return torch.tensor([(start, end, slot) for slot, start, end in self.runs_host], dtype=torch.int64).reshape(-1, 3)
+        runs = [(start, end, slot) for slot, start, end in self.runs_host]
+        return torch.tensor(runs, dtype=torch.int64).reshape(-1, 3)
 
     @functools.cached_property
     def slot_groups(self) -> tuple[SlotGroup, ...]:

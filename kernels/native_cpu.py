@@ -77,7 +77,8 @@ def unsupported_reason(operands: dict[str, torch.Tensor]) -> str:
     activations = {name: t for name, t in operands.items() if name not in weights}
     not_fp32 = [name for name, t in activations.items() if t.dtype != torch.float32]
     if not_fp32:
-        return f"it takes float32 activations only, and {', '.join(not_fp32)} {'is' if len(not_fp32) == 1 else 'are'} not"
+        verb = "is" if len(not_fp32) == 1 else "are"
+        return f"it takes float32 activations only, and {', '.join(not_fp32)} {verb} not"
     if any(t.dtype not in WEIGHT_DTYPES for t in weights.values()):
         return f"it takes float32 or bfloat16 weights only, not {', '.join(str(t.dtype) for t in weights.values())}"
     strided = [name for name, t in operands.items() if name != "lora_b" and t.stride(-1) != 1]
@@ -134,14 +135,15 @@ def bind_apply(
 
     The weights must stay where they are (the LoRA manager rewrites slots in place).
     """
-    kernel = _kernel()
+    kernel, threads = _kernel(), torch.get_num_threads
     weights = _weights(lora_a, lora_b, len(slice_offsets) - 1, tuple(slice_offsets))
     both = _SHRINK | _EXPAND
 
     def apply(x: torch.Tensor, mapping: LoRABatchMapping, out: torch.Tensor) -> torch.Tensor:
+        # `_run` spelled out: this runs ~120 times a step, and every Python call costs
         runs = mapping.runs_table  # [n_runs, 3] int64: start, end, slot
-        threads = torch.get_num_threads()
-        kernel(weights, x.data_ptr(), x.stride(0), None, 0, out.data_ptr(), out.stride(0), runs.data_ptr(), runs.shape[0], both, threads)
+        x_ptr, x_rows, out_ptr, out_rows = x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0)
+        kernel(weights, x_ptr, x_rows, None, 0, out_ptr, out_rows, runs.data_ptr(), runs.shape[0], both, threads())
         return out
 
     return apply
@@ -172,7 +174,8 @@ def _weights(
 def _run(weights: _Weights, x, y, out, mapping: LoRABatchMapping, stages: int) -> None:
     """One kernel call; the operands a stage does not use are None."""
     runs = mapping.runs_table  # [n_runs, 3] int64: start, end, slot
-    _kernel()(weights, *_rows(x), *_rows(y), *_rows(out), runs.data_ptr(), runs.shape[0], stages, torch.get_num_threads())
+    threads = torch.get_num_threads()
+    _kernel()(weights, *_rows(x), *_rows(y), *_rows(out), runs.data_ptr(), runs.shape[0], stages, threads)
 
 
 def _kernel() -> ctypes._CFuncPtr:

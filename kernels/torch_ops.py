@@ -184,7 +184,7 @@ def _active_slot_range(mapping: LoRABatchMapping) -> tuple[int, int, torch.Tenso
 
 def _shrink_grouped(x, lora_a, mapping, n_slices, out):
     if not _aligned(lora_a) or lora_a.shape[2] * lora_a.element_size() % 16 or lora_a.dtype != x.dtype:
-        return _shrink_segments(x, lora_a, mapping, n_slices, out)  # odd in_features
+        return _shrink_segments(x, lora_a, mapping, n_slices, out)  # odd in_features, or weights to cast
     ids = mapping.sorted_token_ids  # [Ta]
     lo, hi, ends = _active_slot_range(mapping)
     ys = F.grouped_mm(x.index_select(0, ids), _as(lora_a[lo:hi], x.dtype).transpose(1, 2), offs=ends)  # [Ta, nR]
@@ -193,8 +193,9 @@ def _shrink_grouped(x, lora_a, mapping, n_slices, out):
 
 def _expand_grouped(y, lora_b, mapping, out, slice_offsets):
     size = out.element_size()
-    if not _aligned(lora_b) or any(n * size % 16 for n in (lora_b.shape[2], *slice_offsets)) or lora_b.dtype != out.dtype:
-        return _expand_segments(y, lora_b, mapping, out, slice_offsets)  # odd rank or slice start
+    odd = any(n * size % 16 for n in (lora_b.shape[2], *slice_offsets))  # an odd rank or slice start
+    if not _aligned(lora_b) or odd or lora_b.dtype != out.dtype:  # or weights to cast slot by slot
+        return _expand_segments(y, lora_b, mapping, out, slice_offsets)
     ids = mapping.sorted_token_ids  # [Ta]
     lo, hi, ends = _active_slot_range(mapping)
     ys = y.index_select(0, ids).to(out.dtype)  # [Ta, nR]
