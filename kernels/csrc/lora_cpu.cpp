@@ -109,18 +109,23 @@ inline void expand_block(const W* b, int64_t sbr, int64_t rank, const float* con
     for (int64_t c = 0; c < w; ++c) outs[t][c] += acc[t][c];
 }
 
+// rows x cols bf16 values (rows `stride` apart) widened into this thread's [rows, out_stride]
+// buffer, valid until its next call.
+inline const float* widened(const BFloat16* src, int64_t stride, int64_t rows, int64_t cols, int64_t out_stride) {
+  thread_local std::vector<float> wide;
+  wide.resize(rows * out_stride);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) wide[r * out_stride + c] = widen(src[r * stride + c]);
+  return wide.data();
+}
+
 // One shrink item: y[t, 0:n] = A rows [0, n) (sa1 apart) . x[t] for the n_tokens of a run.
 template <typename W>
 void shrink_item(const W* a, int64_t sa1, int64_t n, const float* x, int64_t sx, int64_t k_len, float* y, int64_t sy,
                  int64_t n_tokens) {
   if constexpr (std::is_same_v<W, BFloat16>) {
-    if (n_tokens >= kWidenOnceTokens) {  // rows shared by several tokens: widened once, not per token
-      thread_local std::vector<float> wide;
-      wide.resize(n * k_len);  // [n, K]
-      for (int64_t r = 0; r < n; ++r)
-        for (int64_t k = 0; k < k_len; ++k) wide[r * k_len + k] = widen(a[r * sa1 + k]);
-      return shrink_item<float>(wide.data(), k_len, n, x, sx, k_len, y, sy, n_tokens);
-    }
+    if (n_tokens >= kWidenOnceTokens)  // rows shared by several tokens: widened once, not per token
+      return shrink_item<float>(widened(a, sa1, n, k_len, k_len), k_len, n, x, sx, k_len, y, sy, n_tokens);
   }
   const W* rows[kRowBlock];
   for (int r = 0; r < kRowBlock; ++r) rows[r] = a + std::min<int64_t>(r, n - 1) * sa1;
@@ -136,13 +141,8 @@ template <typename W>
 void expand_item(const W* b, int64_t sbr, int64_t rank, int64_t w, const float* y, int64_t sy, float* out, int64_t so,
                  int64_t n_tokens) {
   if constexpr (std::is_same_v<W, BFloat16>) {
-    if (n_tokens >= kWidenOnceTokens) {  // as in shrink_item
-      thread_local std::vector<float> wide;
-      wide.resize(rank * kColBlock);  // [rank, kColBlock]
-      for (int64_t r = 0; r < rank; ++r)
-        for (int64_t c = 0; c < w; ++c) wide[r * kColBlock + c] = widen(b[r * sbr + c]);
-      return expand_item<float>(wide.data(), kColBlock, rank, w, y, sy, out, so, n_tokens);
-    }
+    if (n_tokens >= kWidenOnceTokens)  // as in shrink_item
+      return expand_item<float>(widened(b, sbr, rank, w, kColBlock), kColBlock, rank, w, y, sy, out, so, n_tokens);
   }
   const float* ys[kTokenBlock];
   float* outs[kTokenBlock];
