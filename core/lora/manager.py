@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigError, InvalidLoRAAdapterError, LoRAAdapterNotFoundError, LoRAError
-from ..kernels import LoRABatchMapping
+from ..kernels import LoRABatchMapping, native_cpu
 from ..models import CausalLM
 from .adapter import LoRAAdapter, load_adapter
 from .layers import LoRALinear, LoRAStepState
@@ -70,6 +70,8 @@ class LoRAManager:
             config.max_lora_rank,
         )
         self.storage = torch.zeros(config.max_loras, self.layout.numel, dtype=self.dtype, device=self.device)  # [S, numel]
+        if self.device.type == "cpu":
+            native_cpu.available()  # builds the CPU kernel now (once per machine), not in the first request
         self.layers: dict[ModuleKey, LoRALinear] = {}
         for (index, name) in self.layout.modules:
             layer = model.layers[index]
