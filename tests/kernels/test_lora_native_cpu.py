@@ -138,6 +138,7 @@ def test_without_a_compiler_the_cpu_path_is_torch(fresh_build, monkeypatch: pyte
     assert not list(fresh_build.rglob("*.so")) and not list(fresh_build.rglob("*.tmp*"))  # nothing half-built left
 
 
+@needs_kernel  # a compiler to fail with
 def test_a_compile_error_names_the_compiler_and_leaves_nothing(fresh_build, monkeypatch: pytest.MonkeyPatch) -> None:
     broken = fresh_build / "broken.cpp"
     broken.write_text("this is not C++\n")
