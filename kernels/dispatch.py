@@ -192,7 +192,7 @@ def lora_apply(
     """out += expand(shrink(x)): the whole LoRA delta of one wrapped linear, in place.
 
     Returns at once when no token uses a LoRA. The intermediate is float32 on the Triton, cpu
-    and reference paths (no extra rounding) and x's dtype on the torch path (no weight casts).
+    and reference paths (no extra rounding) and x's dtype on the torch path.
     A caller that applies the same weights every step, like a model's layers, should use
     `bind_lora_apply` instead: it checks once and skips the per-call costs.
     """
@@ -215,7 +215,7 @@ def bind_lora_apply(
     """`lora_apply` with these weights fixed, as `apply(x, mapping, out) -> out`.
 
     The operands are checked and the backend chosen here, once; `apply` then skips both (12 to
-    25 µs a call, ~200 calls a step), checking only that `mapping` was built for `x`'s tokens.
+    25 µs a call, one call per wrapped linear a step), checking only that `mapping` was built for `x`'s tokens.
     Its later calls must pass operands with the shapes (but T), dtypes, devices and layouts of
     the ones given here, and `lora_a` / `lora_b` must stay where they are (their slots may be
     rewritten in place).

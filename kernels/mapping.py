@@ -139,7 +139,7 @@ class LoRABatchMapping:
     @functools.cached_property
     def runs_host(self) -> tuple[tuple[int, int, int], ...]:
         """Maximal runs of consecutive tokens (batch order) sharing one active slot, as
-        (slot, start, end). Made on first use: only the torch path needs them."""
+        (slot, start, end). Made on first use: only the CPU paths need them."""
         return _runs(self._slots_host)
 
     @functools.cached_property

@@ -31,7 +31,7 @@ import torch
 
 from .mapping import LoRABatchMapping
 
-__all__ = ["available", "unavailable_reason", "unsupported_reason", "shrink", "expand", "apply", "bind_apply"]
+__all__ = ["available", "unavailable_reason", "unsupported_reason", "shrink", "expand", "bind_apply"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,24 +114,13 @@ def expand(
     return out
 
 
-def apply(
-    x: torch.Tensor,  # [T, in]
-    lora_a: torch.Tensor,  # [S, n_slices * R, in]
-    lora_b: torch.Tensor,  # [S, N_total, R]
-    mapping: LoRABatchMapping,
-    out: torch.Tensor,  # [T, N_total]
-    slice_offsets: Sequence[int],
-) -> torch.Tensor:
-    """out += expand(shrink(x)) in one call, the intermediate kept inside the kernel."""
-    return bind_apply(lora_a, lora_b, slice_offsets)(x, mapping, out)
-
-
 def bind_apply(
     lora_a: torch.Tensor,  # [S, n_slices * R, in]
     lora_b: torch.Tensor,  # [S, N_total, R]
     slice_offsets: Sequence[int],
 ) -> Callable[[torch.Tensor, LoRABatchMapping, torch.Tensor], torch.Tensor]:
-    """`apply` with the weights' arguments packed once: what a model's layer calls each step.
+    """out += expand(shrink(x)) in one kernel call, the intermediate kept inside it, as
+    `apply(x, mapping, out)` with the weights' arguments packed once: what a bound layer calls.
 
     The weights must stay where they are (the LoRA manager rewrites slots in place).
     """

@@ -148,7 +148,8 @@ def _expand_batched(y, lora_b, mapping, out, slice_offsets):
     ranks = [lora_b.shape[2]] * len(widths)
     for g in mapping.slot_groups:
         # split_with_sizes: Tensor.split is a Python wrapper, too slow for ~200 calls per step
-        b_slices = _as(lora_b[g.lo : g.hi], out.dtype).transpose(1, 2).split_with_sizes(widths, dim=2)  # [G, R, N_i]
+        b = _as(lora_b[g.lo : g.hi], out.dtype).transpose(1, 2)  # [G, R, N]
+        b_slices = b.split_with_sizes(widths, dim=2)  # each [G, R, N_i]
         ys = _padded(y[g.start : g.end].to(out.dtype), g).split_with_sizes(ranks, dim=2)  # each [G, L, R]
         outs = out[g.start : g.end].split_with_sizes(widths, dim=1)  # each [rows, N_i]
         for y_i, b_i, out_i in zip(ys, b_slices, outs, strict=True):
@@ -187,7 +188,7 @@ def _shrink_grouped(x, lora_a, mapping, n_slices, out):
         return _shrink_segments(x, lora_a, mapping, n_slices, out)  # odd in_features, or weights to cast
     ids = mapping.sorted_token_ids  # [Ta]
     lo, hi, ends = _active_slot_range(mapping)
-    ys = F.grouped_mm(x.index_select(0, ids), _as(lora_a[lo:hi], x.dtype).transpose(1, 2), offs=ends)  # [Ta, nR]
+    ys = F.grouped_mm(x.index_select(0, ids), lora_a[lo:hi].transpose(1, 2), offs=ends)  # [Ta, nR]
     return _scatter_rows(out, ids, ys, zero=True)
 
 
