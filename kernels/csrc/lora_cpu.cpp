@@ -31,11 +31,16 @@ inline float widen(BFloat16 v) {
   return f;
 }
 
-constexpr int kRowBlock = 4;        // rows of A per shrink item: independent accumulators
+constexpr int kRowBlock = 8;        // rows of A per shrink item, read as that many streams at once
 constexpr int kTokenBlock = 4;      // tokens of a run that share each weight load
-constexpr int64_t kColBlock = 64;   // output columns per expand item
+constexpr int kRegisterRows = 4;    // rows of A whose accumulators fit the registers with kTokenBlock tokens
+constexpr int kRankBlock = 8;       // rows of B streamed at once by expand
+constexpr int64_t kMaxColChunk = 1024;  // output columns per expand item, at most
+constexpr int64_t kItemsPerThread = 8;  // expand items per thread, for balance
+constexpr int64_t kColBlock = 64;   // output columns held in registers for a block of kTokenBlock tokens
 constexpr int kLanes = 16;          // accumulator width, mapped to SIMD registers by the compiler
 constexpr int64_t kWidenOnceTokens = 3;  // bf16 weights serving this many tokens are widened first
+constexpr int64_t kWidenCols = 128;      // columns of B widened at a time
 
 struct Run {  // batch rows [start, end) use adapter slot `slot`
   int64_t start, end, slot;
@@ -109,6 +114,42 @@ inline void expand_block(const W* b, int64_t sbr, int64_t rank, const float* con
     for (int64_t c = 0; c < w; ++c) outs[t][c] += acc[t][c];
 }
 
+// outs[t][0:w] += sum_r ys[t][r] * b[r * sbr : r * sbr + w] for NT tokens: kRankBlock rows of B
+// are read side by side along the columns, each value loaded once for the NT tokens, and the
+// outputs (in L1) updated once per block of rows. Reading whole row segments keeps the prefetchers
+// ahead where column blocks of all rows would make rank short streams.
+template <typename W, int NT>
+inline void expand_tokens(const W* b, int64_t sbr, int64_t rank, const float* const* ys, float* const* outs,
+                          int64_t w) {
+  int64_t r0 = 0;
+  for (; r0 + kRankBlock <= rank; r0 += kRankBlock) {
+    const W* rows[kRankBlock];
+    float yv[NT][kRankBlock];
+    for (int i = 0; i < kRankBlock; ++i) {
+      rows[i] = b + (r0 + i) * sbr;
+      for (int t = 0; t < NT; ++t) yv[t][i] = ys[t][r0 + i];
+    }
+    int64_t c = 0;
+    for (; c + kLanes <= w; c += kLanes) {
+      for (int t = 0; t < NT; ++t) {
+        float* o = outs[t] + c;
+#pragma omp simd
+        for (int l = 0; l < kLanes; ++l) {
+          float sum = o[l];
+          for (int i = 0; i < kRankBlock; ++i) sum += yv[t][i] * widen(rows[i][c + l]);
+          o[l] = sum;
+        }
+      }
+    }
+    for (; c < w; ++c)
+      for (int t = 0; t < NT; ++t)
+        for (int i = 0; i < kRankBlock; ++i) outs[t][c] += yv[t][i] * widen(rows[i][c]);
+  }
+  for (; r0 < rank; ++r0)  // ranks that are not a multiple of kRankBlock
+    for (int t = 0; t < NT; ++t)
+      for (int64_t c = 0; c < w; ++c) outs[t][c] += ys[t][r0] * widen(b[r0 * sbr + c]);
+}
+
 // rows x cols bf16 values (rows `stride` apart) widened into this thread's [rows, out_stride]
 // buffer, valid until its next call.
 inline const float* widened(const BFloat16* src, int64_t stride, int64_t rows, int64_t cols, int64_t out_stride) {
@@ -129,11 +170,17 @@ void shrink_item(const W* a, int64_t sa1, int64_t n, const float* x, int64_t sx,
   }
   const W* rows[kRowBlock];
   for (int r = 0; r < kRowBlock; ++r) rows[r] = a + std::min<int64_t>(r, n - 1) * sa1;
-  if (n == kRowBlock) {
-    shrink_run<W, kRowBlock>(rows, x, sx, k_len, y, sy, n_tokens);
-  } else {  // the last, partial block of rows
-    for (int r = 0; r < n; ++r) shrink_run<W, 1>(rows + r, x, sx, k_len, y + r, sy, n_tokens);
+  if (std::is_same_v<W, float> && n == kRowBlock && n_tokens <= 2) {  // decode: more fp32 loads in flight
+    const float* xs[2] = {x, x + sx};
+    float* ys[2] = {y, y + sy};
+    if (n_tokens == 1) shrink_block<W, kRowBlock, 1>(rows, xs, k_len, ys);
+    if (n_tokens == 2) shrink_block<W, kRowBlock, 2>(rows, xs, k_len, ys);
+    return;
   }
+  int64_t r = 0;  // blocks of rows whose accumulators fit the registers with kTokenBlock tokens
+  for (; r + kRegisterRows <= n; r += kRegisterRows)
+    shrink_run<W, kRegisterRows>(rows + r, x, sx, k_len, y + r, sy, n_tokens);
+  for (; r < n; ++r) shrink_run<W, 1>(rows + r, x, sx, k_len, y + r, sy, n_tokens);
 }
 
 // One expand item: out[t, 0:w] += y[t, 0:rank] . B[0:rank, 0:w] (rows sbr apart) for a run's tokens.
@@ -141,21 +188,30 @@ template <typename W>
 void expand_item(const W* b, int64_t sbr, int64_t rank, int64_t w, const float* y, int64_t sy, float* out, int64_t so,
                  int64_t n_tokens) {
   if constexpr (std::is_same_v<W, BFloat16>) {
-    if (n_tokens >= kWidenOnceTokens)  // as in shrink_item
-      return expand_item<float>(widened(b, sbr, rank, w, kColBlock), kColBlock, rank, w, y, sy, out, so, n_tokens);
+    if (n_tokens >= kWidenOnceTokens) {  // as in shrink_item, a part of the columns at a time (in L1)
+      for (int64_t c = 0; c < w; c += kWidenCols) {
+        const int64_t wc = std::min(kWidenCols, w - c);
+        expand_item<float>(widened(b + c, sbr, rank, wc, wc), wc, rank, wc, y, sy, out + c, so, n_tokens);
+      }
+      return;
+    }
   }
   const float* ys[kTokenBlock];
   float* outs[kTokenBlock];
   int64_t t = 0;
   for (; t + kTokenBlock <= n_tokens; t += kTokenBlock) {
     for (int i = 0; i < kTokenBlock; ++i) ys[i] = y + (t + i) * sy, outs[i] = out + (t + i) * so;
-    expand_block<W, kTokenBlock>(b, sbr, rank, ys, outs, w);
+    for (int64_t c = 0; c < w; c += kColBlock) {
+      float* block_outs[kTokenBlock];
+      for (int i = 0; i < kTokenBlock; ++i) block_outs[i] = outs[i] + c;
+      expand_block<W, kTokenBlock>(b + c, sbr, rank, ys, block_outs, std::min(kColBlock, w - c));
+    }
   }
   const int rest = static_cast<int>(n_tokens - t);
   for (int i = 0; i < rest; ++i) ys[i] = y + (t + i) * sy, outs[i] = out + (t + i) * so;
-  if (rest == 1) expand_block<W, 1>(b, sbr, rank, ys, outs, w);
-  if (rest == 2) expand_block<W, 2>(b, sbr, rank, ys, outs, w);
-  if (rest == 3) expand_block<W, 3>(b, sbr, rank, ys, outs, w);
+  if (rest == 1) expand_tokens<W, 1>(b, sbr, rank, ys, outs, w);
+  if (rest == 2) expand_tokens<W, 2>(b, sbr, rank, ys, outs, w);
+  if (rest == 3) expand_tokens<W, 3>(b, sbr, rank, ys, outs, w);
 }
 
 template <typename W>
@@ -165,7 +221,8 @@ void lora(const float* x, int64_t sx, int64_t k_len, const W* a, int64_t sa0, in
   const Run* runs = reinterpret_cast<const Run*>(runs_flat);
   const int64_t n_rows = n_slices * rank;  // nR: y's width
   int64_t last_row = 0, n_tokens = 0;
-  for (int64_t i = 0; i < n_runs; ++i) last_row = std::max(last_row, runs[i].end), n_tokens += runs[i].end - runs[i].start;
+  for (int64_t i = 0; i < n_runs; ++i)
+    last_row = std::max(last_row, runs[i].end), n_tokens += runs[i].end - runs[i].start;
   std::vector<float> y_buf;
   if (y == nullptr) {
     y_buf.resize(last_row * n_rows);  // [T', nR]
@@ -174,9 +231,18 @@ void lora(const float* x, int64_t sx, int64_t k_len, const W* a, int64_t sa0, in
   const bool do_shrink = stages & 1, do_expand = stages & 2;
 
   const int64_t row_blocks = (n_rows + kRowBlock - 1) / kRowBlock;
-  std::vector<int64_t> col_start, col_slice;  // expand items' columns, never across a slice
-  for (int64_t i = 0; i < n_slices; ++i)
-    for (int64_t c = offsets[i]; c < offsets[i + 1]; c += kColBlock) col_start.push_back(c), col_slice.push_back(i);
+  // expand items: equal chunks of one slice's columns, about kItemsPerThread for every thread
+  const int64_t spread = offsets[n_slices] * n_runs / (kItemsPerThread * std::max(num_threads, 1));
+  const int64_t target = std::clamp<int64_t>(spread, kColBlock, kMaxColChunk);
+  std::vector<int64_t> col_start, col_end, col_slice;
+  for (int64_t i = 0; i < n_slices; ++i) {
+    const int64_t width = offsets[i + 1] - offsets[i], chunks = (width + target - 1) / target;
+    for (int64_t j = 0; j < chunks; ++j) {
+      col_start.push_back(offsets[i] + width * j / chunks / kLanes * kLanes);
+      col_end.push_back(j + 1 == chunks ? offsets[i + 1] : offsets[i] + width * (j + 1) / chunks / kLanes * kLanes);
+      col_slice.push_back(i);
+    }
+  }
   const int64_t col_blocks = static_cast<int64_t>(col_start.size());
   // a fork and two barriers cost a few microseconds: not worth it for a single short token
   const int64_t flops = n_tokens * (n_rows * k_len + offsets[n_slices] * rank);
@@ -197,8 +263,8 @@ void lora(const float* x, int64_t sx, int64_t k_len, const W* a, int64_t sa0, in
 #pragma omp for schedule(static)
       for (int64_t item = 0; item < n_runs * col_blocks; ++item) {
         const Run& run = runs[item / col_blocks];
-        const int64_t c0 = col_start[item % col_blocks], slice = col_slice[item % col_blocks];
-        expand_item(b + run.slot * sb0 + c0, sbr, rank, std::min(kColBlock, offsets[slice + 1] - c0),
+        const int64_t block = item % col_blocks, c0 = col_start[block], slice = col_slice[block];
+        expand_item(b + run.slot * sb0 + c0, sbr, rank, col_end[block] - c0,
                     y + run.start * sy + slice * rank, sy, out + run.start * so + c0, so, run.end - run.start);
       }
     }
