@@ -23,7 +23,7 @@ import torch
 
 from . import native_cpu, reference, torch_ops
 from .mapping import LoRABatchMapping
-from .validation import check_apply, check_expand, check_shrink
+from .validation import check_apply, check_expand, check_shrink, stale_mapping
 
 __all__ = [
     "Backend",
@@ -223,23 +223,18 @@ def bind_lora_apply(
     offsets = check_apply(x, lora_a, lora_b, mapping, out, slice_offsets)
     name = _backend_for(x.device, backend, {"x": x, "lora_a": lora_a, "lora_b": lora_b, "out": out})
     if name == "cpu":  # shrink and expand in one call, the intermediate inside the kernel
-        delta = native_cpu.bind_apply(lora_a, lora_b, offsets)
-    else:
-        impl = _impl(name)
-        y_dtype = x.dtype if name == "torch" else torch.float32
-
-        def delta(x: torch.Tensor, mapping: LoRABatchMapping, out: torch.Tensor) -> torch.Tensor:
-            y = torch.empty(x.shape[0], lora_a.shape[1], dtype=y_dtype, device=x.device)  # [T, nR]
-            impl.shrink(x, lora_a, mapping, len(offsets) - 1, y)
-            return impl.expand(y, lora_b, mapping, out, offsets)
+        return native_cpu.bind_apply(lora_a, lora_b, offsets)
+    impl = _impl(name)
+    y_dtype = x.dtype if name == "torch" else torch.float32
 
     def apply(x: torch.Tensor, mapping: LoRABatchMapping, out: torch.Tensor) -> torch.Tensor:
         if mapping.num_tokens != x.shape[0]:  # a stale mapping would index out of bounds
-            raise ValueError(
-                f"lora_apply: `mapping` must be built for T={x.shape[0]} tokens (x.shape[0]); got one for "
-                f"{mapping.num_tokens}. Build one per step with LoRABatchMapping.from_token_slots."
-            )
-        return delta(x, mapping, out) if mapping.any_active else out
+            raise stale_mapping(x.shape[0], mapping)
+        if not mapping.any_active:
+            return out
+        y = torch.empty(x.shape[0], lora_a.shape[1], dtype=y_dtype, device=x.device)  # [T, nR]
+        impl.shrink(x, lora_a, mapping, len(offsets) - 1, y)
+        return impl.expand(y, lora_b, mapping, out, offsets)
 
     return apply
 

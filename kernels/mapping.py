@@ -17,6 +17,8 @@ Terms used across `loraplex.kernels`:
 from __future__ import annotations
 
 import functools
+import itertools
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -56,24 +58,22 @@ class SlotGroup:
 class LoRABatchMapping:
     """Which slot each token of one step uses, grouped for the kernels.
 
-    Build it with `LoRABatchMapping.from_token_slots`; the fields are read-only. Device tensors
-    live on `device` (the activations' device); the `*_host` tuples are the same facts as Python
-    ints, for code that must size grids or loop over segments without a device sync.
+    Build it with `LoRABatchMapping.from_token_slots`; the fields are read-only. The `*_host`
+    tuples are the step's facts as Python ints, for code that must size grids or loop over
+    segments without a device sync. The device tables (`token_slots`, `sorted_token_ids`, ...)
+    live on `device` (the activations' device) and are built, in one host->device copy, when a
+    kernel first reads one: the native CPU kernel needs none of them.
     """
 
     num_tokens: int  # T, active or not
     num_slots: int  # S, the number of device slots the stacked weights hold
     device: torch.device
-    token_slots: torch.Tensor  # [T] int32, -1 = base only
-    sorted_token_ids: torch.Tensor  # [T_active] int32, active tokens grouped by slot (stable)
-    seg_indptr: torch.Tensor  # [A + 1] int32, segment s = sorted_token_ids[indptr[s]:indptr[s+1]]
-    seg_slots: torch.Tensor  # [A] int32, ascending slot of each segment
-    slot_indptr: torch.Tensor  # [S + 1] int32, slot s = sorted_token_ids[ptr[s]:ptr[s+1]] (maybe empty)
-    token_segment: torch.Tensor  # [T_active] int32, segment index of each sorted token
-    seg_indptr_host: tuple[int, ...]
-    seg_slots_host: tuple[int, ...]
+    seg_indptr_host: tuple[int, ...]  # [A + 1], segment s = sorted tokens [indptr[s], indptr[s+1])
+    seg_slots_host: tuple[int, ...]  # [A], ascending slot of each segment
     max_segment_len: int
-    _slots_host: torch.Tensor = field(repr=False)  # [T] int64 on the CPU
+    runs_host: tuple[tuple[int, int, int], ...]  # (slot, start, end) of each run, in batch order
+    any_active: bool  # False when no token uses a LoRA: a layer can skip the LoRA path entirely
+    _slots_host: tuple[int, ...] = field(repr=False)  # [T]
     # Tile tables per block size, made on first use (see `segment_tiles`).
     _tiles: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict, repr=False)
 
@@ -92,7 +92,7 @@ class LoRABatchMapping:
         be in [-1, num_slots). `device` defaults to the device of `token_slots`. This reads the
         slots on the host once (one device sync when they live on a GPU).
         """
-        slots_cpu = _slots_to_host(token_slots)  # [T] int64
+        slots = _slots_to_host(token_slots)
         if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
             raise ValueError(
                 f"LoRABatchMapping.from_token_slots: `num_slots` must be a positive int (the number "
@@ -100,47 +100,73 @@ class LoRABatchMapping:
             )
         if device is None:
             device = token_slots.device if isinstance(token_slots, torch.Tensor) else torch.device("cpu")
-        device = torch.device(device)
-        _check_slot_values(slots_cpu, num_slots)
+        _check_slot_values(slots, num_slots)
 
-        num_tokens = slots_cpu.numel()
-        active_ids = torch.nonzero(slots_cpu >= 0).flatten()  # [T_active]
-        # Stable sort keeps the tokens of one slot in batch order (prefill rows stay contiguous).
-        sorted_slots, order = torch.sort(slots_cpu[active_ids], stable=True)  # [T_active] x2
-        sorted_ids = active_ids[order]  # [T_active]
-        seg_slots, seg_lens = torch.unique_consecutive(sorted_slots, return_counts=True)  # [A] x2
-        seg_indptr = torch.zeros(seg_slots.numel() + 1, dtype=torch.int64)  # [A + 1]
-        torch.cumsum(seg_lens, 0, out=seg_indptr[1:])
-        token_segment = torch.repeat_interleave(torch.arange(seg_slots.numel()), seg_lens)  # [T_active]
-        slot_indptr = torch.zeros(num_slots + 1, dtype=torch.int64)  # [S + 1]
-        torch.cumsum(torch.bincount(sorted_slots, minlength=num_slots), 0, out=slot_indptr[1:])
-
-        # One host->device copy for all int32 tables; the fields are views into it.
-        parts = [slots_cpu, sorted_ids, seg_indptr, seg_slots, slot_indptr, token_segment]
-        packed = torch.cat(parts).to(torch.int32).to(device)
-        views = list(torch.split(packed, [p.numel() for p in parts]))
-        na = seg_slots.numel()
+        # A step has at most a few thousand tokens: plain Python beats a dozen small torch ops.
+        counts: dict[int, int] = {}
+        for slot in slots:
+            if slot >= 0:
+                counts[slot] = counts.get(slot, 0) + 1
+        seg_slots = sorted(counts)
+        seg_lens = [counts[slot] for slot in seg_slots]
         return cls(
-            num_tokens=num_tokens,
+            num_tokens=len(slots),
             num_slots=num_slots,
-            device=device,
-            token_slots=views[0],
-            sorted_token_ids=views[1],
-            seg_indptr=views[2],
-            seg_slots=views[3],
-            slot_indptr=views[4],
-            token_segment=views[5],
-            seg_indptr_host=tuple(seg_indptr.tolist()),
-            seg_slots_host=tuple(seg_slots.tolist()),
-            max_segment_len=int(seg_lens.max()) if na else 0,
-            _slots_host=slots_cpu,
+            device=torch.device(device),
+            seg_indptr_host=tuple(itertools.accumulate(seg_lens, initial=0)),
+            seg_slots_host=tuple(seg_slots),
+            max_segment_len=max(seg_lens, default=0),
+            runs_host=_runs(slots),
+            any_active=bool(seg_slots),
+            _slots_host=slots,
         )
 
     @functools.cached_property
-    def runs_host(self) -> tuple[tuple[int, int, int], ...]:
-        """Maximal runs of consecutive tokens (batch order) sharing one active slot, as
-        (slot, start, end). Made on first use: only the CPU paths need them."""
-        return _runs(self._slots_host)
+    def _tables(self) -> tuple[torch.Tensor, ...]:
+        """The device tables, views into one int32 buffer copied to `device` at once."""
+        slots = torch.tensor(self._slots_host, dtype=torch.int64)  # [T]
+        # Stable sort keeps the tokens of one slot in batch order (prefill rows stay contiguous).
+        active_ids = torch.nonzero(slots >= 0).flatten()  # [T_active]
+        order = torch.sort(slots[active_ids], stable=True).indices  # [T_active]
+        seg_indptr = torch.tensor(self.seg_indptr_host, dtype=torch.int64)  # [A + 1]
+        seg_slots = torch.tensor(self.seg_slots_host, dtype=torch.int64)  # [A]
+        token_segment = torch.repeat_interleave(torch.arange(seg_slots.numel()), seg_indptr.diff())  # [T_active]
+        slot_indptr = torch.zeros(self.num_slots + 1, dtype=torch.int64)  # [S + 1]
+        slot_indptr[seg_slots + 1] = seg_indptr.diff()
+        slot_indptr = slot_indptr.cumsum(0)
+        parts = [slots, active_ids[order], seg_indptr, seg_slots, slot_indptr, token_segment]
+        packed = torch.cat(parts).to(torch.int32).to(self.device)
+        return tuple(torch.split(packed, [p.numel() for p in parts]))
+
+    @property
+    def token_slots(self) -> torch.Tensor:
+        """[T] int32, each token's slot, -1 = base only."""
+        return self._tables[0]
+
+    @property
+    def sorted_token_ids(self) -> torch.Tensor:
+        """[T_active] int32, the active tokens grouped by slot (stable)."""
+        return self._tables[1]
+
+    @property
+    def seg_indptr(self) -> torch.Tensor:
+        """[A + 1] int32, segment s = sorted_token_ids[indptr[s]:indptr[s+1]]."""
+        return self._tables[2]
+
+    @property
+    def seg_slots(self) -> torch.Tensor:
+        """[A] int32, the ascending slot of each segment."""
+        return self._tables[3]
+
+    @property
+    def slot_indptr(self) -> torch.Tensor:
+        """[S + 1] int32, slot s = sorted_token_ids[ptr[s]:ptr[s+1]] (maybe empty)."""
+        return self._tables[4]
+
+    @property
+    def token_segment(self) -> torch.Tensor:
+        """[T_active] int32, the segment index of each sorted token."""
+        return self._tables[5]
 
     @functools.cached_property
     def runs_table(self) -> torch.Tensor:
@@ -152,11 +178,6 @@ class LoRABatchMapping:
     def slot_groups(self) -> tuple[SlotGroup, ...]:
         """The runs batched into slot groups (see `SlotGroup`), in batch order; made on first use."""
         return _slot_groups(self.runs_host, self.device)
-
-    @property
-    def any_active(self) -> bool:
-        """False when no token uses a LoRA: a layer can skip the LoRA path entirely."""
-        return bool(self.seg_slots_host)
 
     @property
     def num_active_tokens(self) -> int:
@@ -202,7 +223,7 @@ class LoRABatchMapping:
         return LoRABatchMapping.from_token_slots(self._slots_host, self.num_slots, device=device)
 
 
-def _slots_to_host(token_slots: torch.Tensor | Sequence[int]) -> torch.Tensor:
+def _slots_to_host(token_slots: torch.Tensor | Sequence[int]) -> tuple[int, ...]:
     if isinstance(token_slots, torch.Tensor):
         if token_slots.dim() != 1 or token_slots.dtype not in _INDEX_DTYPES:
             raise ValueError(
@@ -210,25 +231,27 @@ def _slots_to_host(token_slots: torch.Tensor | Sequence[int]) -> torch.Tensor:
                 f"[T]; got dtype {token_slots.dtype} with shape {list(token_slots.shape)}. "
                 "Pass one slot per token, e.g. torch.tensor(slots, dtype=torch.int32)."
             )
-        return token_slots.detach().to("cpu", torch.int64)
+        return tuple(token_slots.tolist())
     try:
-        return torch.tensor(list(token_slots), dtype=torch.int64).reshape(-1)
-    except (TypeError, ValueError, RuntimeError) as exc:
+        slots = tuple(operator.index(slot) for slot in token_slots)
+    except TypeError as exc:
         raise ValueError(
             "LoRABatchMapping.from_token_slots: `token_slots` must be a 1-D int tensor or a sequence "
             f"of ints; got {type(token_slots).__name__} ({exc})."
         ) from None
+    return slots
 
 
-def _runs(slots: torch.Tensor) -> tuple[tuple[int, int, int], ...]:
+def _runs(slots: Sequence[int]) -> tuple[tuple[int, int, int], ...]:
     """(slot, start, end) of each maximal run of equal, active slots in batch order."""
-    if slots.numel() == 0:
-        return ()
-    starts = torch.nonzero(torch.diff(slots, prepend=slots[:1] - 1)).flatten()  # [n_runs]
-    ends = torch.cat([starts[1:], torch.tensor([slots.numel()])])  # [n_runs]
-    run_slots = slots[starts]  # [n_runs]
-    runs = zip(run_slots.tolist(), starts.tolist(), ends.tolist(), strict=True)
-    return tuple((s, b, e) for s, b, e in runs if s >= 0)
+    runs = []
+    start = 0
+    for i in range(1, len(slots) + 1):
+        if i == len(slots) or slots[i] != slots[start]:
+            if slots[start] >= 0:
+                runs.append((slots[start], start, i))
+            start = i
+    return tuple(runs)
 
 
 def _slot_groups(runs: tuple[tuple[int, int, int], ...], device: torch.device) -> tuple[SlotGroup, ...]:
@@ -270,12 +293,12 @@ def _make_group(runs: list[tuple[int, int, int]], device: torch.device) -> SlotG
     return SlotGroup(lo, hi, max_len, start, end, gather.flatten().to(device), scatter.to(device))
 
 
-def _check_slot_values(slots: torch.Tensor, num_slots: int) -> None:
-    bad = torch.nonzero((slots < -1) | (slots >= num_slots)).flatten()  # [n_bad]
-    if bad.numel():
-        i = int(bad[0])
+def _check_slot_values(slots: tuple[int, ...], num_slots: int) -> None:
+    bad = [i for i, slot in enumerate(slots) if not -1 <= slot < num_slots]
+    if bad:
+        i = bad[0]
         raise ValueError(
-            f"LoRABatchMapping.from_token_slots: token {i} has slot {int(slots[i])}, outside "
-            f"[-1, {num_slots}) ({bad.numel()} token(s) out of range). Use -1 for tokens without "
+            f"LoRABatchMapping.from_token_slots: token {i} has slot {slots[i]}, outside "
+            f"[-1, {num_slots}) ({len(bad)} token(s) out of range). Use -1 for tokens without "
             f"LoRA and a slot below num_slots={num_slots} (the stacked weights' first dimension)."
         )

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .mapping import LoRABatchMapping
+from .validation import stale_mapping
 
 __all__ = ["available", "unavailable_reason", "unsupported_reason", "shrink", "expand", "bind_apply"]
 
@@ -121,6 +122,7 @@ def bind_apply(
 ) -> Callable[[torch.Tensor, LoRABatchMapping, torch.Tensor], torch.Tensor]:
     """out += expand(shrink(x)) in one kernel call, the intermediate kept inside it, as
     `apply(x, mapping, out)` with the weights' arguments packed once: what a bound layer calls.
+    It checks only that `mapping` was built for `x`'s tokens.
 
     The weights must stay where they are (the LoRA manager rewrites slots in place).
     """
@@ -129,10 +131,13 @@ def bind_apply(
     both = _SHRINK | _EXPAND
 
     def apply(x: torch.Tensor, mapping: LoRABatchMapping, out: torch.Tensor) -> torch.Tensor:
-        # `_run` spelled out: this runs ~120 times a step, and every Python call costs
-        runs = mapping.runs_table  # [n_runs, 3] int64: start, end, slot
-        x_ptr, x_rows, out_ptr, out_rows = x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0)
-        kernel(weights, x_ptr, x_rows, None, 0, out_ptr, out_rows, runs.data_ptr(), runs.shape[0], both, threads())
+        # `_run` spelled out: this runs ~120 times a step, between GEMMs that evict the
+        # interpreter's caches, so every Python operation here costs
+        if mapping.num_tokens != x.shape[0]:  # a stale mapping would index out of bounds
+            raise stale_mapping(x.shape[0], mapping)
+        runs = mapping.runs_table  # [n_runs, 3] int64: start, end, slot (none: the kernel returns)
+        kernel(weights, x.data_ptr(), x.stride(0), None, 0, out.data_ptr(), out.stride(0), runs.data_ptr(),
+               runs.shape[0], both, threads())
         return out
 
     return apply

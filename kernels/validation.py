@@ -93,6 +93,14 @@ def check_slice_offsets(fn: str, slice_offsets: object, n_total: int) -> tuple[i
     return offsets
 
 
+def stale_mapping(num_tokens: int, mapping: LoRABatchMapping) -> ValueError:
+    """The error of a bound apply given a mapping built for another step's tokens."""
+    return ValueError(
+        f"lora_apply: `mapping` must be built for T={num_tokens} tokens (x.shape[0]); got one for "
+        f"{mapping.num_tokens}. Build one per step with LoRABatchMapping.from_token_slots."
+    )
+
+
 def check_mapping(
     fn: str, mapping: object, token_slots: object, num_tokens: int, num_slots: int, device: torch.device
 ) -> None:

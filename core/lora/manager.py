@@ -270,8 +270,6 @@ class LoRAManager:
     def set_step(self, token_slots: list[int], device: torch.device) -> None:
         """Publish the step's token -> slot mapping to every wrapped linear."""
         if any(slot >= 0 for slot in token_slots):
-            self.state.mapping = LoRABatchMapping.from_token_slots(
-                torch.tensor(token_slots, dtype=torch.int32), self.config.max_loras, device=device
-            )
+            self.state.mapping = LoRABatchMapping.from_token_slots(token_slots, self.config.max_loras, device=device)
         else:
             self.state.mapping = None
