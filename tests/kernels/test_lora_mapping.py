@@ -90,6 +90,7 @@ def test_accepts_a_list_and_places_tensors_on_the_given_device() -> None:
         (torch.zeros(2, 2, dtype=torch.int32), 3, r"`token_slots` must be a 1-D int32 or int64 tensor"),
         (torch.zeros(2), 3, r"got dtype torch.float32"),
         (["a"], 3, r"sequence of ints"),
+        ([0, 1.5], 3, r"sequence of ints"),
         ([0], 0, r"`num_slots` must be a positive int"),
     ],
 )
