@@ -8,14 +8,15 @@ Measures, with the same prompts and `--new-tokens` greedy tokens each:
 and the time to make an adapter ready: disk -> device slot, and CPU cache -> device slot.
 The loraplex runs are made once per `--lora-dtypes` entry: the adapters stored in the model's
 float32 ("auto"), then in bfloat16 (half the bytes each LoRA step reads).
-The loraplex runs (every engine's, in turn) alternate `--repeats` times and each keeps its best:
-on a shared machine whose speed drifts, the ratios then compare like with like.
+Each engine's runs alternate `--repeats` times and each keeps its best, and its ratios are taken
+against its own base-only runs: on a shared machine whose speed drifts, they compare like with like.
 Run: `python benchmarks/bench_lora.py` (adapters are written once under --workdir).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 from pathlib import Path
@@ -113,18 +114,19 @@ def main() -> None:
         "64 prompts / 64 adapters": (p64, requests),
         "64 prompts / 1 adapter": (p64, [requests[0]] * 64),
     }
-    engines = {
-        ("loraplex" if lora_dtype == "auto" else f"loraplex lora_dtype={lora_dtype}"): LLM(
-            base_dir, device="cpu", enable_lora=True, max_loras=64, max_lora_rank=16, max_cpu_loras=64,
-            lora_dtype=lora_dtype,
-        )
-        for lora_dtype in args.lora_dtypes
-    }
-    for _ in range(args.repeats):  # the engines take turns, so a drift of the machine's speed hits all alike
-        for label, llm in engines.items():
+    labels = []
+    for lora_dtype in args.lora_dtypes:
+        # one engine at a time: a second one resident slows the first one's adapter reads
+        gc.collect()
+        llm = LLM(base_dir, device="cpu", enable_lora=True, max_loras=64, max_lora_rank=16, max_cpu_loras=64,
+                  lora_dtype=lora_dtype)
+        labels.append("loraplex" if lora_dtype == "auto" else f"loraplex lora_dtype={lora_dtype}")
+        for _ in range(args.repeats):
             for name, (prompts, loras) in runs.items():
-                key = f"{label} {name}"
+                key = f"{labels[-1]} {name}"
                 results[key] = max(results.get(key, 0.0), loraplex_run(llm, prompts, loras, n))
+        if lora_dtype != args.lora_dtypes[-1]:
+            del llm
     for name, tps in results.items():
         print(f"{name:<60} {tps:8.1f} tok/s")
 
@@ -133,14 +135,11 @@ def main() -> None:
             r = results[a] / results[b]
             print(f"{a}  /  {b}: {r:.3f}x (target >= {target}x) {'ok' if r >= target else 'MISSED'}")
 
-    # base-only runs the same code whatever lora_dtype is: the best of them is the base speed
-    base_keys = [key for key in results if key.endswith("base only, 16 prompts")]
-    results["loraplex base only, best of all engines"] = max(results[key] for key in base_keys)
-    for label in engines:
+    for label in labels:  # each engine against its own base-only runs, which alternated with its LoRA runs
         ratio(f"{label} mixed 16 prompts / 8 adapters", "peft mixed 16 prompts / 8 adapters", 3.0)
-        ratio(f"{label} mixed 16 prompts / 8 adapters", "loraplex base only, best of all engines", 0.85)
+        ratio(f"{label} mixed 16 prompts / 8 adapters", f"{label} base only, 16 prompts", 0.85)
         ratio(f"{label} 64 prompts / 64 adapters", f"{label} 64 prompts / 1 adapter", 0.8)
-    disk_ms, cpu_ms = activation_times(next(iter(engines.values())), adapters, repeats=8)
+    disk_ms, cpu_ms = activation_times(llm, adapters, repeats=8)
     print(f"activation, disk -> slot: {disk_ms:.1f} ms (target < 50); CPU cache -> slot: {cpu_ms:.2f} ms (target < 5)")
 
 
