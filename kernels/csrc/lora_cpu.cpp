@@ -31,6 +31,15 @@ inline float widen(BFloat16 v) {
   return f;
 }
 
+// Reading bf16 weights for 1 to 3 tokens is bound by how many cache lines are in flight, not by
+// the memory's bandwidth (fp32 weights are): ask early for the line `ahead` elements on, the
+// rows read next, once per line of `p`. A no-op for fp32 weights, where it measured slower.
+template <typename W>
+inline void prefetch_ahead(const W* p, int64_t i, int64_t ahead) {
+  if constexpr (std::is_same_v<W, BFloat16>)
+    if (i % (64 / sizeof(W)) == 0) __builtin_prefetch(p + i + ahead);
+}
+
 constexpr int kRowBlock = 8;        // rows of A per shrink item, read as that many streams at once
 constexpr int kTokenBlock = 4;      // tokens of a run that share each weight load
 constexpr int kRegisterRows = 4;    // rows of A whose accumulators fit the registers with kTokenBlock tokens
@@ -46,12 +55,14 @@ struct Run {  // batch rows [start, end) use adapter slot `slot`
   int64_t start, end, slot;
 };
 
-// ys[t][r] = rows[r] . xs[t] for NR rows of A and NT tokens.
+// ys[t][r] = rows[r] . xs[t] for NR rows of A and NT tokens; the rows read next are `ahead` on.
 template <typename W, int NR, int NT>
-inline void shrink_block(const W* const* rows, const float* const* xs, int64_t k_len, float* const* ys) {
+inline void shrink_block(const W* const* rows, const float* const* xs, int64_t k_len, float* const* ys,
+                         int64_t ahead) {
   float acc[NR][NT][kLanes] = {};
   int64_t k = 0;
   for (; k + kLanes <= k_len; k += kLanes) {
+    for (int r = 0; r < NR; ++r) prefetch_ahead(rows[r], k, ahead);
     for (int t = 0; t < NT; ++t) {
       const float* x = xs[t] + k;
       for (int r = 0; r < NR; ++r) {
@@ -74,19 +85,19 @@ inline void shrink_block(const W* const* rows, const float* const* xs, int64_t k
 // y[t, 0:NR] = rows . x[t] for the n_tokens rows of one run (x rows sx apart, y rows sy apart).
 template <typename W, int NR>
 inline void shrink_run(const W* const* rows, const float* x, int64_t sx, int64_t k_len, float* y, int64_t sy,
-                       int64_t n_tokens) {
+                       int64_t n_tokens, int64_t ahead) {
   const float* xs[kTokenBlock];
   float* ys[kTokenBlock];
   int64_t t = 0;
   for (; t + kTokenBlock <= n_tokens; t += kTokenBlock) {
     for (int i = 0; i < kTokenBlock; ++i) xs[i] = x + (t + i) * sx, ys[i] = y + (t + i) * sy;
-    shrink_block<W, NR, kTokenBlock>(rows, xs, k_len, ys);
+    shrink_block<W, NR, kTokenBlock>(rows, xs, k_len, ys, ahead);
   }
   const int rest = static_cast<int>(n_tokens - t);
   for (int i = 0; i < rest; ++i) xs[i] = x + (t + i) * sx, ys[i] = y + (t + i) * sy;
-  if (rest == 1) shrink_block<W, NR, 1>(rows, xs, k_len, ys);
-  if (rest == 2) shrink_block<W, NR, 2>(rows, xs, k_len, ys);
-  if (rest == 3) shrink_block<W, NR, 3>(rows, xs, k_len, ys);
+  if (rest == 1) shrink_block<W, NR, 1>(rows, xs, k_len, ys, ahead);
+  if (rest == 2) shrink_block<W, NR, 2>(rows, xs, k_len, ys, ahead);
+  if (rest == 3) shrink_block<W, NR, 3>(rows, xs, k_len, ys, ahead);
 }
 
 // outs[t][0:w] += sum_r ys[t][r] * b[r * sbr : r * sbr + w] for NT tokens, w <= kColBlock.
@@ -131,6 +142,7 @@ inline void expand_tokens(const W* b, int64_t sbr, int64_t rank, const float* co
     }
     int64_t c = 0;
     for (; c + kLanes <= w; c += kLanes) {
+      for (int i = 0; i < kRankBlock; ++i) prefetch_ahead(rows[i], c, kRankBlock * sbr);
       for (int t = 0; t < NT; ++t) {
         float* o = outs[t] + c;
 #pragma omp simd
@@ -173,14 +185,14 @@ void shrink_item(const W* a, int64_t sa1, int64_t n, const float* x, int64_t sx,
   if (std::is_same_v<W, float> && n == kRowBlock && n_tokens <= 2) {  // decode: more fp32 loads in flight
     const float* xs[2] = {x, x + sx};
     float* ys[2] = {y, y + sy};
-    if (n_tokens == 1) shrink_block<W, kRowBlock, 1>(rows, xs, k_len, ys);
-    if (n_tokens == 2) shrink_block<W, kRowBlock, 2>(rows, xs, k_len, ys);
+    if (n_tokens == 1) shrink_block<W, kRowBlock, 1>(rows, xs, k_len, ys, kRowBlock * sa1);
+    if (n_tokens == 2) shrink_block<W, kRowBlock, 2>(rows, xs, k_len, ys, kRowBlock * sa1);
     return;
   }
   int64_t r = 0;  // blocks of rows whose accumulators fit the registers with kTokenBlock tokens
   for (; r + kRegisterRows <= n; r += kRegisterRows)
-    shrink_run<W, kRegisterRows>(rows + r, x, sx, k_len, y + r, sy, n_tokens);
-  for (; r < n; ++r) shrink_run<W, 1>(rows + r, x, sx, k_len, y + r, sy, n_tokens);
+    shrink_run<W, kRegisterRows>(rows + r, x, sx, k_len, y + r, sy, n_tokens, kRegisterRows * sa1);
+  for (; r < n; ++r) shrink_run<W, 1>(rows + r, x, sx, k_len, y + r, sy, n_tokens, sa1);
 }
 
 // One expand item: out[t, 0:w] += y[t, 0:rank] . B[0:rank, 0:w] (rows sbr apart) for a run's tokens.
