@@ -4,8 +4,8 @@
 // A decode step's LoRA work is matrix-vector products: each token reads its adapter's A and B
 // once and does 2 flops per weight. GEMM libraries pack their operands and pay a call per slot,
 // so on these shapes they run well below memory speed. This kernel streams the weights straight
-// from the slot buffers: work items are (run, block of A rows) for shrink and (run, block of
-// output columns) for expand, and the tokens of a run share each weight load.
+// from the slot buffers: work items are (run, block of A rows) for shrink and (run, chunk of a
+// slice's output columns) for expand, and the tokens of a run share each weight load.
 //
 // Plain C++ with OpenMP and no torch headers, so it compiles in about a second; loaded into a
 // process that imported torch, it runs in the OpenMP runtime torch loaded (same soname).
@@ -31,7 +31,7 @@ inline float widen(BFloat16 v) {
   return f;
 }
 
-// Reading bf16 weights for 1 to 3 tokens is bound by how many cache lines are in flight, not by
+// Reading bf16 weights for 1 or 2 tokens is bound by how many cache lines are in flight, not by
 // the memory's bandwidth (fp32 weights are): ask early for the line `ahead` elements on, the
 // rows read next, once per line of `p`. A no-op for fp32 weights, where it measured slower.
 template <typename W>
