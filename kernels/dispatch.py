@@ -215,7 +215,8 @@ def bind_lora_apply(
     """`lora_apply` with these weights fixed, as `apply(x, mapping, out) -> out`.
 
     The operands are checked and the backend chosen here, once; `apply` then skips both (12 to
-    25 µs a call, one call per wrapped linear a step), checking only that `mapping` was built for `x`'s tokens.
+    25 µs a call, one call per wrapped linear a step), checking only that `mapping` was built
+    for `x`'s tokens.
     Its later calls must pass operands with the shapes (but T), dtypes, devices and layouts of
     the ones given here, and `lora_a` / `lora_b` must stay where they are (their slots may be
     rewritten in place).

@@ -54,6 +54,11 @@ class SlotGroup:
     scatter: torch.Tensor | None
 
 
+def _device_table(index: int, doc: str) -> property:
+    """A read-only field of `LoRABatchMapping`: one of its device tables, built on first use."""
+    return property(lambda mapping: mapping._tables[index], doc=doc)
+
+
 @dataclass(frozen=True, eq=False)
 class LoRABatchMapping:
     """Which slot each token of one step uses, grouped for the kernels.
@@ -130,43 +135,21 @@ class LoRABatchMapping:
         order = torch.sort(slots[active_ids], stable=True).indices  # [T_active]
         seg_indptr = torch.tensor(self.seg_indptr_host, dtype=torch.int64)  # [A + 1]
         seg_slots = torch.tensor(self.seg_slots_host, dtype=torch.int64)  # [A]
-        token_segment = torch.repeat_interleave(torch.arange(seg_slots.numel()), seg_indptr.diff())  # [T_active]
+        seg_lens = seg_indptr.diff()  # [A]
+        token_segment = torch.repeat_interleave(torch.arange(seg_slots.numel()), seg_lens)  # [T_active]
         slot_indptr = torch.zeros(self.num_slots + 1, dtype=torch.int64)  # [S + 1]
-        slot_indptr[seg_slots + 1] = seg_indptr.diff()
+        slot_indptr[seg_slots + 1] = seg_lens
         slot_indptr = slot_indptr.cumsum(0)
         parts = [slots, active_ids[order], seg_indptr, seg_slots, slot_indptr, token_segment]
         packed = torch.cat(parts).to(torch.int32).to(self.device)
         return tuple(torch.split(packed, [p.numel() for p in parts]))
 
-    @property
-    def token_slots(self) -> torch.Tensor:
-        """[T] int32, each token's slot, -1 = base only."""
-        return self._tables[0]
-
-    @property
-    def sorted_token_ids(self) -> torch.Tensor:
-        """[T_active] int32, the active tokens grouped by slot (stable)."""
-        return self._tables[1]
-
-    @property
-    def seg_indptr(self) -> torch.Tensor:
-        """[A + 1] int32, segment s = sorted_token_ids[indptr[s]:indptr[s+1]]."""
-        return self._tables[2]
-
-    @property
-    def seg_slots(self) -> torch.Tensor:
-        """[A] int32, the ascending slot of each segment."""
-        return self._tables[3]
-
-    @property
-    def slot_indptr(self) -> torch.Tensor:
-        """[S + 1] int32, slot s = sorted_token_ids[ptr[s]:ptr[s+1]] (maybe empty)."""
-        return self._tables[4]
-
-    @property
-    def token_segment(self) -> torch.Tensor:
-        """[T_active] int32, the segment index of each sorted token."""
-        return self._tables[5]
+    token_slots = _device_table(0, "[T] int32, each token's slot, -1 = base only.")
+    sorted_token_ids = _device_table(1, "[T_active] int32, the active tokens grouped by slot (stable).")
+    seg_indptr = _device_table(2, "[A + 1] int32, segment s = sorted_token_ids[indptr[s]:indptr[s+1]].")
+    seg_slots = _device_table(3, "[A] int32, the ascending slot of each segment.")
+    slot_indptr = _device_table(4, "[S + 1] int32, slot s = sorted_token_ids[ptr[s]:ptr[s+1]] (maybe empty).")
+    token_segment = _device_table(5, "[T_active] int32, the segment index of each sorted token.")
 
     @functools.cached_property
     def runs_table(self) -> torch.Tensor:
