@@ -34,6 +34,7 @@ from lora_helpers import (
 )
 from lora_helpers import one_torch_thread  # noqa: F401 (autouse: one intra-op thread for this module)
 from loraplex import LLM, LoRARequest
+from loraplex.lora import huge_pages
 from tiny_models import EMBEDDED_KV_BYTES, PROMPTS, load_hf, tiny  # noqa: F401
 
 NUM_TOKENS = 8
@@ -209,3 +210,5 @@ def test_embedded_model_mixed_batch_matches_peft(embedded_model_path, tmp_path) 
     loras = [adapters.requests[n] if n else None for n in names]
     outputs = llm.generate(prompts, greedy(6), use_tqdm=False, lora_request=loras)
     assert_matches_oracle(outputs, names, adapters.oracle, LOGPROB_ATOL["embedded"])
+    # the slots the kernel read are the huge-page buffers (see test_huge_pages)
+    assert llm.llm_engine.lora_manager.storage.data_ptr() % huge_pages.HUGE_PAGE_BYTES == 0

@@ -19,6 +19,7 @@ import torch
 from ..errors import ConfigError, InvalidLoRAAdapterError, LoRAAdapterNotFoundError, LoRAError
 from ..kernels import LoRABatchMapping, native_cpu
 from ..models import CausalLM
+from . import huge_pages
 from .adapter import LoRAAdapter, load_adapter
 from .layers import LoRALinear, LoRAStepState
 from .request import LoRARequest
@@ -69,7 +70,12 @@ class LoRAManager:
              for i, layer in enumerate(model.layers) for name in _WRAPPED},
             config.max_lora_rank,
         )
-        self.storage = torch.zeros(config.max_loras, self.layout.numel, dtype=self.dtype, device=self.device)  # [S, numel]
+        shape = (config.max_loras, self.layout.numel)
+        # on the CPU every step reads scattered pieces of many slots: huge pages spare the TLB
+        self.storage = (  # [S, numel]
+            huge_pages.zeros(shape, self.dtype) if self.device.type == "cpu"
+            else torch.zeros(shape, dtype=self.dtype, device=self.device)
+        )
         if self.device.type == "cpu":
             native_cpu.available()  # builds the CPU kernel now (once per machine), not in the first request
         self.layers: dict[ModuleKey, LoRALinear] = {}
