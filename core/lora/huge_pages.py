@@ -11,6 +11,7 @@ only slower to read.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import mmap
@@ -31,7 +32,8 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     # private and anonymous: zero-filled, and under THP's anonymous-memory policy (a shared
     # mapping would be shmem, which has its own and usually refuses huge pages)
     region = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    region.madvise(mmap.MADV_HUGEPAGE)
+    with contextlib.suppress(OSError):  # a kernel built without THP: plain pages, as documented
+        region.madvise(mmap.MADV_HUGEPAGE)
     # a huge page covers an aligned 2 MiB of addresses: start the tensor on that boundary
     address = ctypes.addressof(ctypes.c_char.from_buffer(region))
     offset = -address % HUGE_PAGE_BYTES
