@@ -124,14 +124,19 @@ def ratio(rounds: dict[str, list[float]], a: str, b: str, target: float) -> None
     print(f"{a}  /  {b}: {r:.3f}x{spread} (target >= {target}x) {'ok' if r >= target else 'MISSED'}")
 
 
-def many_adapter_cost(label: str, rounds: dict[str, list[float]], read_ms: list[float], slot_gb: float) -> None:
-    """What a 64-adapter step adds over a 1-adapter one, next to what reading the slots once takes."""
+def many_adapter_cost(label: str, rounds: dict[str, list[float]], read_ms: list[float], slots: int,
+                      slot_gb: float, batch: int) -> None:
+    """What a 64-adapter step adds over a 1-adapter one, next to what reading the slots once takes.
+
+    A run of `batch` prompts and N new tokens is N steps (the prefill spread over them), so a
+    step takes batch / (tok/s) seconds.
+    """
     many, one = rounds[f"{label} 64 prompts / 64 adapters"], rounds[f"{label} 64 prompts / 1 adapter"]
-    extra_ms = statistics.median(64 * (1 / x - 1 / y) for x, y in zip(many, one)) * 1e3  # a step: 64 tokens
+    extra_ms = statistics.median(batch * (1 / x - 1 / y) for x, y in zip(many, one)) * 1e3
     ms = statistics.median(read_ms)
-    print(f"{label}: a 64-adapter step takes {extra_ms:.1f} ms more than a 1-adapter step; one read of "
-          f"the {slot_gb:.2f} GB in the 64 slots takes {ms:.1f} ms ({slot_gb / ms * 1e3:.1f} GB/s; medians of "
-          f"{len(many)} rounds)")
+    print(f"{label}: a 64-adapter step takes {extra_ms:.1f} ms more than a 1-adapter step (prefill included); "
+          f"one read of the {slot_gb:.2f} GB in the {slots} slots takes {ms:.1f} ms ({slot_gb / ms * 1e3:.1f} GB/s; "
+          f"medians of {len(many)} rounds)")
 
 
 def main() -> None:
@@ -167,7 +172,7 @@ def main() -> None:
         "64 prompts / 64 adapters": (p64, requests),
         "64 prompts / 1 adapter": (p64, [requests[0]] * 64),
     }
-    engines: dict[str, tuple[list[float], float]] = {}  # label -> slot reads (ms), slots' GB
+    engines: dict[str, tuple[list[float], int, float]] = {}  # label -> slot reads (ms), slots, their GB
     for lora_dtype in args.lora_dtypes:
         # one engine at a time: a second one resident slows the first one's adapter reads
         gc.collect()
@@ -177,16 +182,16 @@ def main() -> None:
         engine_rounds, read_ms = measure_engine(llm, runs, args.repeats, n)
         rounds.update({f"{label} {name}": tps for name, tps in engine_rounds.items()})
         storage = llm.llm_engine.lora_manager.storage
-        engines[label] = (read_ms, storage.numel() * storage.element_size() / 1e9)
+        engines[label] = (read_ms, storage.shape[0], storage.numel() * storage.element_size() / 1e9)
         if lora_dtype != args.lora_dtypes[-1]:
             del llm, storage
     for name, tps in rounds.items():
         print(f"{name:<60} {max(tps):8.1f} tok/s (best of {len(tps)})")
-    for label, (read_ms, slot_gb) in engines.items():  # each engine against its own base-only runs
+    for label, (read_ms, slots, slot_gb) in engines.items():  # each engine against its own base-only runs
         ratio(rounds, f"{label} mixed 16 prompts / 8 adapters", "peft mixed 16 prompts / 8 adapters", 3.0)
         ratio(rounds, f"{label} mixed 16 prompts / 8 adapters", f"{label} base only, 16 prompts", 0.85)
         ratio(rounds, f"{label} 64 prompts / 64 adapters", f"{label} 64 prompts / 1 adapter", 0.8)
-        many_adapter_cost(label, rounds, read_ms, slot_gb)
+        many_adapter_cost(label, rounds, read_ms, slots, slot_gb, len(p64))
     disk_ms, cpu_ms = activation_times(llm, adapters, repeats=8)
     print(f"activation, disk -> slot: {disk_ms:.1f} ms (target < 50); CPU cache -> slot: {cpu_ms:.2f} ms (target < 5)")
 

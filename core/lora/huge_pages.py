@@ -1,7 +1,7 @@
 """Zero-filled host tensors that ask Linux for transparent huge pages: the CPU engine's LoRA slots.
 
-A decode step over many adapters reads a few hundred KiB of each adapter at every wrapped linear,
-so each call touches thousands of distinct 4 KiB pages and misses the TLB on most of them; on
+A decode step over many adapters reads a few hundred KiB of each adapter per layer, so each
+wrapped linear touches thousands of distinct 4 KiB pages and misses the TLB on most of them; on
 2 MiB pages the same bytes need 512 times fewer translations. Linux backs anonymous memory with
 huge pages on its own only when THP is "always"; under "madvise" (the default of many
 distributions) only memory that asks gets them, and this module asks. Where asking is not
@@ -29,12 +29,14 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.zeros(shape, dtype=dtype)
-    # private and anonymous: zero-filled, and under THP's anonymous-memory policy (a shared
-    # mapping would be shmem, which has its own and usually refuses huge pages)
-    region = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    # A huge page covers an aligned 2 MiB of addresses: map room to start the tensor on such a
+    # boundary and to end the last (partial) huge page inside the mapping. Private and anonymous:
+    # zero-filled and under THP's anonymous-memory policy (a shared mapping would be shmem, which
+    # has its own policy and usually refuses huge pages).
+    mapped = -(-nbytes // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES + HUGE_PAGE_BYTES
+    region = mmap.mmap(-1, mapped, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     with contextlib.suppress(OSError):  # a kernel built without THP: plain pages, as documented
         region.madvise(mmap.MADV_HUGEPAGE)
-    # a huge page covers an aligned 2 MiB of addresses: start the tensor on that boundary
     address = ctypes.addressof(ctypes.c_char.from_buffer(region))
     offset = -address % HUGE_PAGE_BYTES
     flat = torch.frombuffer(region, dtype=torch.uint8, count=nbytes, offset=offset)  # holds `region`

@@ -71,13 +71,12 @@ class LoRAManager:
             config.max_lora_rank,
         )
         shape = (config.max_loras, self.layout.numel)
-        # on the CPU every step reads scattered pieces of many slots: huge pages spare the TLB
-        self.storage = (  # [S, numel]
-            huge_pages.zeros(shape, self.dtype) if self.device.type == "cpu"
-            else torch.zeros(shape, dtype=self.dtype, device=self.device)
-        )
         if self.device.type == "cpu":
+            # every step reads scattered pieces of many slots: huge pages spare the TLB
+            self.storage = huge_pages.zeros(shape, self.dtype)  # [S, numel]
             native_cpu.available()  # builds the CPU kernel now (once per machine), not in the first request
+        else:
+            self.storage = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.layers: dict[ModuleKey, LoRALinear] = {}
         for (index, name) in self.layout.modules:
             layer = model.layers[index]
