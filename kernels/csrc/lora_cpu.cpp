@@ -182,12 +182,14 @@ void shrink_item(const W* a, int64_t sa1, int64_t n, const float* x, int64_t sx,
   }
   const W* rows[kRowBlock];
   for (int r = 0; r < kRowBlock; ++r) rows[r] = a + std::min<int64_t>(r, n - 1) * sa1;
-  if (std::is_same_v<W, float> && n == kRowBlock && n_tokens <= 2) {  // decode: more fp32 loads in flight
-    const float* xs[2] = {x, x + sx};
-    float* ys[2] = {y, y + sy};
-    if (n_tokens == 1) shrink_block<W, kRowBlock, 1>(rows, xs, k_len, ys, kRowBlock * sa1);
-    if (n_tokens == 2) shrink_block<W, kRowBlock, 2>(rows, xs, k_len, ys, kRowBlock * sa1);
-    return;
+  if constexpr (std::is_same_v<W, float>) {
+    if (n == kRowBlock && n_tokens <= 2) {  // decode: more fp32 loads in flight
+      const float* xs[2] = {x, x + sx};
+      float* ys[2] = {y, y + sy};
+      if (n_tokens == 1) shrink_block<W, kRowBlock, 1>(rows, xs, k_len, ys, kRowBlock * sa1);
+      if (n_tokens == 2) shrink_block<W, kRowBlock, 2>(rows, xs, k_len, ys, kRowBlock * sa1);
+      return;
+    }
   }
   int64_t r = 0;  // blocks of rows whose accumulators fit the registers with kTokenBlock tokens
   for (; r + kRegisterRows <= n; r += kRegisterRows)
