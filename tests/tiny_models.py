@@ -161,7 +161,7 @@ def hf_logprobs(model, token_ids: list[int]) -> torch.Tensor:
 
 
 # ---- session-wide fixtures ---------------------------------------------------------------------
-# Test modules import these fixtures (`from tiny_models import tiny, embedded  # noqa` for F401).
+# Test modules import these fixtures (`from tiny_models import tiny, embedded`, with a noqa for F401).
 # pytest then makes one fixture definition per importing module, so the objects are cached here,
 # at module level: every model is built, and every engine / oracle loaded, once per session.
 
