@@ -38,7 +38,8 @@ BENCHMARKS := $(wildcard benchmarks/bench_*.py)
 .PHONY: help install serve test bench clean distclean
 
 help:
-	@echo "make serve   set up .venv if needed, then serve the embedded model (SmolLM2-135M-Instruct)"
+	@echo "make serve   set up .venv if needed, then serve the embedded model (SmolLM2-135M-Instruct) over an"
+	@echo "             OpenAI-compatible API on http://127.0.0.1:8000 (ARGS=... for loraplex serve's flags)"
 	@echo "make test    set up .venv if needed, then run the test suite (PYTEST_ARGS=... to pass options)"
 	@echo "make bench   run the benchmark scripts benchmarks/bench_*.py"
 	@echo "make clean   remove build and test leftovers (distclean: also .venv)"
@@ -60,13 +61,9 @@ endif
 
 install: $(STAMP)
 
-# Until the HTTP server lands, `serve` falls back to generating with the embedded model.
+# The OpenAI-compatible server on the embedded model (or ARGS='MODEL --flags ...').
 serve: $(STAMP)
-	@if $(VENV)/bin/loraplex serve --help >/dev/null 2>&1; then \
-		exec $(VENV)/bin/loraplex serve $(ARGS); \
-	else \
-		exec $(VENV)/bin/loraplex generate $(ARGS); \
-	fi
+	$(VENV)/bin/loraplex serve $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

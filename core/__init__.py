@@ -11,24 +11,29 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .config import EngineArgs
+    from .engine.async_engine import AsyncLLM, AsyncLLMEngine
     from .engine.llm_engine import LLMEngine
     from .llm import LLM
     from .lora.request import LoRARequest
     from .outputs import CompletionOutput, Logprob, RequestOutput
-    from .sampling_params import SamplingParams
+    from .sampling_params import RequestOutputKind, SamplingParams
 
 _EXPORTS = {
     "LLM": ".llm",
     "EngineArgs": ".config",
     "LLMEngine": ".engine.llm_engine",
+    "AsyncLLMEngine": ".engine.async_engine",
+    "AsyncLLM": ".engine.async_engine",
     "LoRARequest": ".lora.request",
     "SamplingParams": ".sampling_params",
+    "RequestOutputKind": ".sampling_params",
     "RequestOutput": ".outputs",
     "CompletionOutput": ".outputs",
     "Logprob": ".outputs",
 }
 
-__all__ = ["LLM", "EngineArgs", "LLMEngine", "LoRARequest", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "EngineArgs", "LLMEngine", "AsyncLLMEngine", "AsyncLLM", "LoRARequest", "SamplingParams",
+           "RequestOutputKind", "RequestOutput", "CompletionOutput", "Logprob"]
 __version__ = "0.1.0"
 
 

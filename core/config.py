@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
+import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +13,17 @@ from .errors import ConfigError
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+# vLLM offers ranks up to 512. At rank r an adapter of a d x d layer holds 2*d*r weights, as
+# many as the layer itself once r = d/2: past 1024 (half of the smallest hidden sizes served)
+# LoRA saves nothing, while every device slot is sized for max_lora_rank up front.
+MAX_LORA_RANK = 1024
+# Each device slot holds a whole rank-max_lora_rank adapter for every wrapped module, allocated
+# at start-up; 1024 of them is far past any real deployment (vLLM's docs use 1 to 32).
+MAX_LORAS = 1024
+# What torch.Generator.manual_seed accepts: a signed or unsigned 64-bit integer.
+_SEED_MIN, _SEED_END = -(2**63), 2**64
 
 
 @dataclass
@@ -17,14 +31,22 @@ class EngineArgs:
     """Options of `LLM`, `LLMEngine.from_engine_args` and `loraplex serve`.
 
     model: a Hugging Face model directory or Hub repo id; None serves the embedded default.
-    device: "auto" (cuda when present), "cpu" or "cuda". dtype: "auto" (float32 on CPU,
-    bfloat16 on GPU) or a dtype name. kv_cache_memory_bytes: the KV block pool's size; None
-    takes `VLLM_CPU_KVCACHE_SPACE` GiB (default 4) on CPU, `gpu_memory_utilization` of the GPU.
-    enable_lora: serve LoRA adapters; max_loras adapters fit in device slots at once (so at most
-    that many distinct adapters run in one step), max_cpu_loras stay cached on the CPU, and no
-    adapter may have a rank above max_lora_rank. lora_dtype: the dtype adapters are stored and
-    read in, "auto" (the model's) or a dtype name; "bfloat16" halves the bytes each LoRA step
-    streams on a float32 model, at bfloat16's precision for the adapter weights.
+    device: "auto" (cuda when present), "cpu", "cuda" or "cuda:N". dtype: "auto" (float32 on CPU,
+    bfloat16 on GPU) or a dtype name. seed: the engine's sampling seed, an integer
+    torch.Generator accepts ([-2**63, 2**64)). kv_cache_memory_bytes: the KV block pool's size;
+    None takes `VLLM_CPU_KVCACHE_SPACE` GiB on CPU (default 4 GiB, or half the memory available
+    when that is less), `gpu_memory_utilization` (in (0, 1]) of the GPU. A budget that does not
+    fit in the memory available is refused when the engine starts. enable_lora: serve LoRA
+    adapters; max_loras adapters fit in device slots at once (so at most that many distinct
+    adapters run in one step; at most max_num_seqs, since a step never runs more sequences, and
+    at most MAX_LORAS = 1024), max_cpu_loras stay cached on the CPU, and no adapter may have a
+    rank above max_lora_rank (at most MAX_LORA_RANK = 1024: beyond that LoRA is no smaller than
+    the layer it adapts). lora_dtype: the dtype adapters are stored and read in, "auto" (the
+    model's) or a dtype name; "bfloat16" halves the bytes each LoRA step streams on a float32
+    model, at bfloat16's precision for the adapter weights.
+
+    Every field is checked for its type and range (integers are ints, not bools or floats;
+    flags are bools); a bad one raises ConfigError naming it.
     """
 
     model: str | None = None
@@ -46,35 +68,51 @@ class EngineArgs:
     lora_dtype: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("auto", *_DTYPES):
-            raise ConfigError(f"dtype must be 'auto' or one of {', '.join(_DTYPES)}; got {self.dtype!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]'; got {self.device!r}")
-        _positive("max_num_seqs", self.max_num_seqs)
-        _positive("block_size", self.block_size)
-        if self.max_model_len is not None:
-            _positive("max_model_len", self.max_model_len)
-        if self.max_num_batched_tokens is not None:
-            _positive("max_num_batched_tokens", self.max_num_batched_tokens)
-        if self.kv_cache_memory_bytes is not None:
-            _positive("kv_cache_memory_bytes", self.kv_cache_memory_bytes)
-        _positive("max_loras", self.max_loras)
-        _positive("max_lora_rank", self.max_lora_rank)
-        if self.max_cpu_loras is not None:
-            _positive("max_cpu_loras", self.max_cpu_loras)
-            if self.max_cpu_loras < self.max_loras:
-                raise ConfigError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
-        if self.lora_dtype not in ("auto", *_DTYPES):
-            raise ConfigError(f"lora_dtype must be 'auto' or one of {', '.join(_DTYPES)}; got {self.lora_dtype!r}")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ConfigError(f"gpu_memory_utilization must be in (0, 1]; got {self.gpu_memory_utilization}")
+        self.model = _path_name("model", self.model)
+        self.tokenizer = _path_name("tokenizer", self.tokenizer)
+        if self.served_model_name is not None and (not isinstance(self.served_model_name, str) or not self.served_model_name):
+            raise ConfigError(f"served_model_name must be None or a non-empty string; got {self.served_model_name!r}")
+        self.dtype = _dtype_name("dtype", self.dtype)
+        self.lora_dtype = _dtype_name("lora_dtype", self.lora_dtype)
+        if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
+            raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]' (N a GPU index, e.g. 'cuda:0'); "
+                              f"got {self.device!r}")
+        self.seed = _integer("seed", self.seed, _SEED_MIN, _SEED_END - 1, "an integer in [-2**63, 2**64)")
+        self.max_num_seqs = _positive("max_num_seqs", self.max_num_seqs)
+        self.block_size = _positive("block_size", self.block_size)
+        self.max_model_len = _positive("max_model_len", self.max_model_len, optional=True)
+        self.max_num_batched_tokens = _positive("max_num_batched_tokens", self.max_num_batched_tokens, optional=True)
+        self.kv_cache_memory_bytes = _positive("kv_cache_memory_bytes", self.kv_cache_memory_bytes, optional=True)
+        if not isinstance(self.gpu_memory_utilization, numbers.Real) or isinstance(self.gpu_memory_utilization, bool) \
+                or not 0.0 < self.gpu_memory_utilization <= 1.0:  # NaN fails the comparison too
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1] (a fraction of the GPU's memory); got {self.gpu_memory_utilization!r}")
+        self.gpu_memory_utilization = float(self.gpu_memory_utilization)
+        if not isinstance(self.enable_lora, bool):
+            raise ConfigError(f"enable_lora must be True or False; got {self.enable_lora!r}")
+        self.max_lora_rank = _integer("max_lora_rank", self.max_lora_rank, 1, MAX_LORA_RANK,
+                                      f"an integer in [1, {MAX_LORA_RANK}] (vLLM offers up to 512; above "
+                                      f"{MAX_LORA_RANK} an adapter is no smaller than the layer it adapts)")
+        self.max_loras = _integer("max_loras", self.max_loras, 1, MAX_LORAS, f"an integer in [1, {MAX_LORAS}]")
+        if self.max_loras > self.max_num_seqs:
+            raise ConfigError(
+                f"max_loras ({self.max_loras}) is more than max_num_seqs ({self.max_num_seqs}): a step runs at most "
+                "max_num_seqs sequences, so the extra device slots could never be used; lower max_loras (max_cpu_loras "
+                "caches more adapters on the CPU) or raise max_num_seqs"
+            )
+        self.max_cpu_loras = _positive("max_cpu_loras", self.max_cpu_loras, optional=True)
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ConfigError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         device = torch.device(self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device='cuda' was asked for but torch sees no CUDA GPU; use device='cpu' or install a CUDA build of torch")
+            raise ConfigError(f"device={self.device!r} was asked for but torch sees no CUDA GPU; use device='cpu' or "
+                              "install a CUDA build of torch")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={self.device!r} names GPU {device.index}, but torch sees "
+                              f"{torch.cuda.device_count()} GPU(s); use an index below that, or 'cuda'")
         return device
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
@@ -86,6 +124,32 @@ class EngineArgs:
         return model_dtype if self.lora_dtype == "auto" else _DTYPES[self.lora_dtype]
 
 
-def _positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer; got {value!r}")
+def _integer(name: str, value: object, low: int, high: int | None, allowed: str) -> int:
+    """`value` as an int in [low, high] (high None: no upper bound); bools and floats are refused."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not (
+            low <= value and (high is None or value <= high)):
+        raise ConfigError(f"{name} must be {allowed}; got {value!r}")
+    return int(value)
+
+
+def _positive(name: str, value: object, optional: bool = False) -> int | None:
+    if optional and value is None:
+        return None
+    return _integer(name, value, 1, None, "a positive integer or None" if optional else "a positive integer")
+
+
+def _path_name(name: str, value: object) -> str | None:
+    """A model or tokenizer given as None, a non-empty string or a path object; a string."""
+    if value is None:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{name} must be None, a model directory or a Hub repo id (a non-empty string); got {value!r}")
+    return value
+
+
+def _dtype_name(name: str, value: object) -> str:
+    if not isinstance(value, str) or value not in ("auto", *_DTYPES):
+        raise ConfigError(f"{name} must be 'auto' or one of {', '.join(_DTYPES)}; got {value!r}")
+    return value

@@ -33,11 +33,24 @@ def cpu_kernel_enabled() -> bool:
 
 
 def cpu_kv_cache_space_bytes() -> int | None:
-    """`VLLM_CPU_KVCACHE_SPACE`: KV cache size on CPU in GiB (vLLM's name and unit)."""
+    """`VLLM_CPU_KVCACHE_SPACE`: KV cache size on CPU in GiB (vLLM's name and unit); None when unset.
+
+    A value that is not a finite number of GiB above zero (or is under one byte) is a ConfigError.
+    """
     value = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
-    if not value:
+    if value is None or not value.strip():
         return None
-    return int(float(value) * (1 << 30))
+    try:
+        gib = float(value)
+    except ValueError:
+        gib = float("nan")
+    size = int(gib * (1 << 30)) if gib > 0 and gib != float("inf") else 0  # NaN fails `gib > 0`
+    if size < 1:
+        from .errors import ConfigError
+
+        raise ConfigError(f"VLLM_CPU_KVCACHE_SPACE={value!r} is not a positive, finite number of GiB; set it to e.g. 4 "
+                          "(the KV cache's size on CPU in GiB) or unset it for the default")
+    return size
 
 
 def plugins_selection() -> list[str] | None:
@@ -51,6 +64,11 @@ def plugins_selection() -> list[str] | None:
 def allow_runtime_lora_updating() -> bool:
     """`VLLM_ALLOW_RUNTIME_LORA_UPDATING`: allow loading adapters (and resolving unknown ones) at run time."""
     return _flag("VLLM_ALLOW_RUNTIME_LORA_UPDATING")
+
+
+def api_key() -> str | None:
+    """`VLLM_API_KEY`: the key `loraplex serve` requires as `Authorization: Bearer <key>` (--api-key wins)."""
+    return os.environ.get("VLLM_API_KEY") or None
 
 
 def lora_resolver_cache_dir() -> str | None:

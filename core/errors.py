@@ -10,6 +10,7 @@ the reason and the fix.
     ├── InvalidRequestError    a request that cannot be served (prompt too long, bad sampling params)
     │   └── InvalidSamplingParamsError
     ├── PluginError            a plugin failed to load, in strict mode (see loraplex.plugins)
+    ├── EngineDeadError        the async engine's loop stopped (a failed step, or shut down)
     └── LoRAError              anything about an adapter (see loraplex.lora)
         ├── LoRAAdapterNotFoundError
         └── InvalidLoRAAdapterError
@@ -47,6 +48,10 @@ class InvalidSamplingParamsError(InvalidRequestError):
 
 class PluginError(LoraplexError):
     """A plugin failed to import or to register its resolvers (raised only in strict mode)."""
+
+
+class EngineDeadError(LoraplexError, RuntimeError):
+    """The async engine's loop is no longer running: its requests end, new ones are refused."""
 
 
 class LoRAError(LoraplexError):

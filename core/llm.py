@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence as Seq
 from typing import Any
@@ -12,7 +13,7 @@ from .config import EngineArgs
 from .engine.llm_engine import LLMEngine, PromptType
 from .errors import InvalidRequestError
 from .outputs import RequestOutput
-from .sampling_params import SamplingParams
+from .sampling_params import RequestOutputKind, SamplingParams
 from .tokenizer import apply_chat_template
 
 Conversation = list[dict[str, Any]]
@@ -66,11 +67,12 @@ class LLM:
 
     def _run(self, prompts: list[PromptType], params: list[SamplingParams], loras: list[Any], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
+        final_only = _final_only(params)
         ids = []
         try:
             for prompt, p, lora in zip(prompts, params, loras):
                 request_id = str(next(self._counter))
-                engine.add_request(request_id, prompt, p, lora_request=lora)
+                engine.add_request(request_id, prompt, final_only[id(p)], lora_request=lora)
                 ids.append(request_id)
         except Exception:
             engine.abort_request(ids)  # leave the engine as it was: nothing half-queued
@@ -89,6 +91,17 @@ class LLM:
         finally:
             bar.close()
         return [finished[request_id] for request_id in ids]
+
+
+def _final_only(params: list[SamplingParams]) -> dict[int, SamplingParams]:
+    """Each distinct SamplingParams (by identity) as FINAL_ONLY: generate keeps only the final
+    outputs, so the engine need not build the ones in between."""
+    final = {}
+    for p in params:
+        if p is not None and not isinstance(p, SamplingParams):
+            raise InvalidRequestError(f"sampling_params must be SamplingParams (or a list of them); got {type(p).__name__}")
+        final[id(p)] = dataclasses.replace(p or SamplingParams(), output_kind=RequestOutputKind.FINAL_ONLY)
+    return final
 
 
 def _as_prompt_list(prompts: Any) -> list[PromptType]:

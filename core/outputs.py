@@ -31,6 +31,18 @@ class CompletionOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def extend(self, later: CompletionOutput) -> None:
+        """Append a later DELTA of the same sample: its text, tokens and logprobs; its state."""
+        self.text += later.text
+        self.token_ids.extend(later.token_ids)
+        if later.logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(later.logprobs)
+        self.cumulative_logprob = later.cumulative_logprob
+        self.finish_reason = later.finish_reason
+        self.stop_reason = later.stop_reason
+
 
 @dataclass
 class RequestOutput:
@@ -41,3 +53,23 @@ class RequestOutput:
     finished: bool
     lora_request: Any = None
     metrics: dict[str, float] = field(default_factory=dict)
+
+    def add(self, next_output: RequestOutput, aggregate: bool) -> None:
+        """Merge a later output of the same request into this one (vLLM's method).
+
+        `aggregate=True` appends the later completions' text, token ids and logprobs to these
+        (DELTA outputs); `False` replaces each completion by its later version (CUMULATIVE).
+        Completions are matched by `index`; one not seen yet is appended.
+        """
+        self.finished |= next_output.finished
+        self.metrics = next_output.metrics
+        by_index = {completion.index: i for i, completion in enumerate(self.outputs)}
+        for later in next_output.outputs:
+            i = by_index.get(later.index)
+            if i is None:
+                by_index[later.index] = len(self.outputs)
+                self.outputs.append(later)
+            elif not aggregate:
+                self.outputs[i] = later
+            else:
+                self.outputs[i].extend(later)

@@ -18,8 +18,9 @@ What the entry point loads decides how it registers:
 `VLLM_PLUGINS` selects by entry point name: unset loads all, an empty string loads none,
 `a,b` loads those (an unknown name is warned about). Plugins load in the order `VLLM_PLUGINS`
 names them (unset: by name), and that is the order their resolvers are asked. Each plugin loads on its own: one that
-fails to import or to register is reported (a logged warning naming the plugin, its package
-and the reason), whatever it registered before failing is undone, and the others still load.
+fails to import or to register (by raising, or by calling `sys.exit()`) is reported (a logged
+warning naming the plugin, its package and the reason), whatever it registered before failing
+is undone, and the others still load.
 `load_plugins(strict=True)` or `LORAPLEX_PLUGINS_STRICT=1` makes any failure a `PluginError`.
 
 `load_plugins()` runs once per process (later calls return the first call's report); the
@@ -238,16 +239,18 @@ def _unknown_statuses(selection: list[str] | None, installed: list[str]) -> list
 def _load_one(ep: EntryPoint, status: PluginStatus, registry: _LoRAResolverRegistry) -> None:
     try:
         target = ep.load()
-    except Exception as exc:  # noqa: BLE001 - any import failure is this plugin's alone
-        _fail(status, f"import failed ({type(exc).__name__}: {exc})")
+    except BaseException as exc:  # noqa: BLE001 - any import failure is this plugin's alone
+        _raise_if_interrupt(exc)
+        _fail(status, f"import failed ({_reason(exc)})")
         return
     before = registry._snapshot()
     try:
         _register(ep.name, target, registry)
-    except Exception as exc:  # noqa: BLE001 - a registration failure is this plugin's alone
+    except BaseException as exc:  # noqa: BLE001 - a registration failure is this plugin's alone
+        _raise_if_interrupt(exc)
         registry._restore(before)  # undo whatever it registered before failing
         _unregister_hooks(ep.name)
-        _fail(status, f"registration failed ({type(exc).__name__}: {exc})")
+        _fail(status, f"registration failed ({_reason(exc)})")
         return
     after = registry._snapshot()
     status.resolvers_registered = [name for name, r in after.items() if before.get(name) is not r]
@@ -320,6 +323,19 @@ def _raise_on_failures(statuses: list[PluginStatus]) -> None:
             f"{len(failed)} plugin(s) failed to load in strict mode (LORAPLEX_PLUGINS_STRICT): {lines}; fix or "
             "uninstall them, or leave them out of VLLM_PLUGINS"
         )
+
+
+def _raise_if_interrupt(exc: BaseException) -> None:
+    """A plugin's failure is its own, whatever it raised (`sys.exit()` at import included), except
+    KeyboardInterrupt: at start-up that is the operator's Ctrl-C, which must stop the process."""
+    if isinstance(exc, KeyboardInterrupt):
+        raise exc
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):  # sys.exit(2), sys.exit("message"), sys.exit()
+        return f"SystemExit: it called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _describe(ep: EntryPoint) -> str:

@@ -8,7 +8,10 @@ and the bad adapter is neither registered nor in a slot.
 
 Most bad adapters are real PEFT outputs (`save_pretrained` with use_dora, bias, lora_bias,
 modules_to_save, embed_tokens / lm_head targets, an IA3 adapter, an aLoRA adapter, an adapter
-for a model of another hidden size); the rest are a good adapter with one file damaged.
+for a model of another hidden size); the rest are a good adapter with one file damaged: non-finite
+weights or a scaling that overflows (the message names the tensor), config fields of the wrong
+type or range, invalid or catastrophically backtracking regular expressions, JSON nested too deep
+or too big, paths too long for the filesystem (the message names the field).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from lora_helpers import LOGPROB_ATOL, PeftOracle, assert_matches_oracle, edit_config, greedy, lora_llm, make_adapter, quiet_peft
@@ -126,6 +130,47 @@ def _truncate(out: Path) -> None:
     file.write_bytes(data[: len(data) // 2])
 
 
+# keys as PEFT's save_pretrained writes them
+Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+DOWN_B = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
+FIRST_B = "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"  # the first pair loaded (sorted)
+
+
+def _edit_tensors(edit: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[Path], None]:
+    def damage(out: Path) -> None:
+        file = out / "adapter_model.safetensors"
+        tensors = load_file(str(file))
+        edit(tensors)
+        save_file(tensors, str(file))
+    return damage
+
+
+def _set(key: str, value: float) -> Callable[[dict[str, torch.Tensor]], None]:
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[key][1, 1] = value
+    return edit
+
+
+def _as_bin(payload: object) -> Callable[[Path], None]:
+    def damage(out: Path) -> None:
+        (out / "adapter_model.safetensors").unlink()
+        torch.save(payload, str(out / "adapter_model.bin"))
+    return damage
+
+
+def _config_text(text: str) -> Callable[[Path], None]:
+    """Replace adapter_config.json by `text` with `GOOD_FIELDS` standing for the good adapter's fields."""
+    def damage(out: Path) -> None:
+        file = out / "adapter_config.json"
+        fields = file.read_text().strip()[1:-1]
+        file.write_text(text.replace("GOOD_FIELDS", fields))
+    return damage
+
+
+def _config(**changes) -> Callable[[Path], None]:
+    return lambda out: edit_config(out, **changes)
+
+
 def _as_base(base_model_name: str) -> Callable[[Served, Path, str], LoRARequest]:
     def build(served: Served, out: Path, name: str) -> LoRARequest:
         return LoRARequest(name, next(_ids), str(served.good_dir), base_model_name=base_model_name)
@@ -173,6 +218,62 @@ CASES: dict[str, tuple[Callable, type[Exception], str]] = {
                                          r"names base model 'meta-llama/Llama-3\.1-8B'"),
     "path_is_not_a_directory": (lambda served, out, name: LoRARequest(name, next(_ids), str(out / "nowhere")),
                                 LoRAAdapterNotFoundError, r"is not a directory"),
+    "path_too_long": (lambda served, out, name: LoRARequest(name, next(_ids), str(out / ("x" * 5000))),
+                      LoRAAdapterNotFoundError, r"path '.*\.\.\. \(\d+ characters\) cannot be used \(File name too long\)"),
+    # non-finite weights, refused while they are copied, naming the tensor
+    "nan_in_lora_A": (_damaged(_edit_tensors(_set(Q_A, float("nan")))), InvalidLoRAAdapterError,
+                      rf"tensor '{re.escape(Q_A)}' holds NaN or Inf values"),
+    "inf_in_lora_B": (_damaged(_edit_tensors(_set(DOWN_B, float("inf")))), InvalidLoRAAdapterError,
+                      rf"tensor '{re.escape(DOWN_B)}' holds NaN or Inf values"),
+    "alpha_overflows_the_scaling": (_damaged(_config(lora_alpha=1e300)), InvalidLoRAAdapterError,
+                                    rf"tensor '{re.escape(FIRST_B)}' overflows to Inf once multiplied by its LoRA scaling "
+                                    r"1\.25e\+299 \(lora_alpha=1e\+300, r=8\)"),
+    "float64_values_beyond_float32": (_damaged(_edit_tensors(lambda t: t.update({Q_A: t[Q_A].double().fill_(1e300)}))),
+                                      InvalidLoRAAdapterError,
+                                      rf"tensor '{re.escape(Q_A)}' or .* holds values beyond the range of torch\.float32"),
+    "weights_not_floating_point": (_damaged(_edit_tensors(lambda t: t.update({Q_A: t[Q_A].to(torch.int64)}))),
+                                   InvalidLoRAAdapterError, rf"'{re.escape(Q_A)}' is a torch\.int64 tensor, not a dense floating-point"),
+    "bin_holds_a_list": (_damaged(_as_bin([1, 2, 3])), InvalidLoRAAdapterError, r"adapter_model\.bin' holds a list, not a mapping"),
+    # config fields of the wrong type or range, named
+    "rank_zero": (_damaged(_config(r=0)), InvalidLoRAAdapterError, r"r must be a positive integer \(a LoRA rank\); got 0"),
+    "rank_negative": (_damaged(_config(r=-8)), InvalidLoRAAdapterError, r"r must be a positive integer .*got -8"),
+    "rank_a_string": (_damaged(_config(r="8")), InvalidLoRAAdapterError, r"r must be a positive integer .*got '8'"),
+    "rank_missing": (_damaged(_config(r=None)), InvalidLoRAAdapterError, r"the field 'r' \(the LoRA rank\) is missing"),
+    "alpha_not_a_number": (_damaged(_config(lora_alpha="sixteen")), InvalidLoRAAdapterError,
+                           r"lora_alpha must be a number; got 'sixteen'"),
+    "alpha_infinite": (_damaged(_config(lora_alpha=float("inf"))), InvalidLoRAAdapterError,
+                       r"lora_alpha must be a finite number; got inf"),
+    "alpha_nan": (_damaged(_config(lora_alpha=float("nan"))), InvalidLoRAAdapterError, r"lora_alpha must be a finite number; got nan"),
+    "use_rslora_a_string": (_damaged(_config(use_rslora="false")), InvalidLoRAAdapterError,
+                            r"use_rslora must be true or false; got 'false'"),
+    "base_model_name_not_a_string": (_damaged(_config(base_model_name_or_path=["a", "b"])), InvalidLoRAAdapterError,
+                                     r"base_model_name_or_path must be a string"),
+    "rank_pattern_invalid_regex": (_damaged(_config(rank_pattern={"q_proj(": 8})), InvalidLoRAAdapterError,
+                                   r"rank_pattern key 'q_proj\(' is not a valid regular expression"),
+    "rank_pattern_rank_zero": (_damaged(_config(rank_pattern={"q_proj": 0})), InvalidLoRAAdapterError,
+                               r"rank_pattern\['q_proj'\] must be a positive integer .*got 0"),
+    "rank_pattern_not_an_object": (_damaged(_config(rank_pattern=["q_proj", 8])), InvalidLoRAAdapterError,
+                                   r"rank_pattern must be an object mapping module-name patterns to values"),
+    "alpha_pattern_invalid_regex": (_damaged(_config(alpha_pattern={"[v_proj": 4})), InvalidLoRAAdapterError,
+                                    r"alpha_pattern key '\[v_proj' is not a valid regular expression"),
+    "alpha_pattern_not_a_number": (_damaged(_config(alpha_pattern={"v_proj": [4]})), InvalidLoRAAdapterError,
+                                   r"alpha_pattern\['v_proj'\] must be a number; got \[4\]"),
+    "rank_pattern_too_many_keys": (_damaged(_config(rank_pattern={f"layers.{i}.q_proj": 8 for i in range(1025)})),
+                                   InvalidLoRAAdapterError, r"rank_pattern has 1025 keys, more than the 1024 allowed"),
+    # Python's re needs minutes to hours to reject a module name with this key
+    "rank_pattern_backtracks": (_damaged(_config(rank_pattern={r"(.|\D|\w)*\d": 8})), InvalidLoRAAdapterError,
+                                r"matching its rank_pattern keys \(key .* backtracks\) against the module names takes longer than 1\.0 s"),
+    "target_modules_invalid_regex": (_damaged(_config(target_modules="(q|v_proj")), InvalidLoRAAdapterError,
+                                     r"target_modules '\(q\|v_proj' is not a valid regular expression"),
+    "target_modules_not_names": (_damaged(_config(target_modules=[1, 2])), InvalidLoRAAdapterError,
+                                 r"target_modules must be a list of module names or a regular expression; got \[1, 2\]"),
+    # hostile JSON
+    "config_nested_too_deeply": (_damaged(_config_text('{GOOD_FIELDS, "extra": ' + "[" * 100_000 + "]" * 100_000 + "}")),
+                                 InvalidLoRAAdapterError, r"is not valid JSON \(nested too deeply\)"),
+    "config_too_big": (_damaged(_config_text('{GOOD_FIELDS, "extra": "' + "x" * (2 << 20) + '"}')), InvalidLoRAAdapterError,
+                       r"it is \d+ bytes, more than the 1048576 bytes a LoRA config may have"),
+    "config_integer_too_long": (_damaged(_config_text('{GOOD_FIELDS, "extra": ' + "9" * 5000 + "}")), InvalidLoRAAdapterError,
+                                r"is not valid JSON \(Exceeds the limit"),
 }
 
 
@@ -232,3 +333,17 @@ def test_lora_request_when_lora_is_not_enabled(served) -> None:
     # the same LLM still serves the base model: its tokens are transformers' (PEFT with adapters disabled)
     outputs = llm.generate(PROMPTS[:2], greedy(4), use_tqdm=False)
     assert_matches_oracle(outputs, [None, None], served.oracle, LOGPROB_ATOL["tiny"])
+
+
+def test_name_registered_again_with_another_base_model_is_refused(served) -> None:
+    """A known name asked for with a base model this engine does not serve is refused as a new name would be."""
+    other_base = LoRARequest(GOOD, GOOD_ID, str(served.good_dir), base_model_name="meta-llama/Llama-3.1-8B")
+    for attempt in (lambda: served.llm.generate(PROMPTS[0], greedy(4), use_tqdm=False, lora_request=other_base),
+                    lambda: served.engine.add_lora(other_base)):
+        with pytest.raises(InvalidLoRAAdapterError, match=rf"LoRA adapter '{GOOD}' names base model 'meta-llama/Llama-3\.1-8B'"):
+            attempt()
+    assert served.engine.lora_manager.registered[GOOD].base_model_name is None
+    # naming the served model is fine: the same adapter, already registered
+    same_base = LoRARequest(GOOD, GOOD_ID, str(served.good_dir), base_model_name=served.path.name)
+    assert served.engine.add_lora(same_base) is False
+    served.assert_still_serves()

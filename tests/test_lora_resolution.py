@@ -388,3 +388,54 @@ def test_a_sync_call_cannot_wait_on_its_own_loop(allowed) -> None:
         return await leader
 
     assert asyncio.run(scenario()).lora_path == "/p/a"
+
+
+# ---- Hub ids: containment -------------------------------------------------------------------------------
+
+HOSTILE_HUB_IDS = ["org/repo/../../x", "org/repo/..", "org/repo//x", "org/../x", "/abs/path", "org/repo/sub\\..\\x",
+                   "~/adapters", "~user/repo", "org/repo/./x", "org", "org/re po", "org/repo/x\n"]
+
+
+@pytest.mark.parametrize("name", HOSTILE_HUB_IDS)
+def test_a_hub_id_that_could_leave_the_cache_is_refused_before_any_download(name, monkeypatch) -> None:
+    import huggingface_hub
+
+    from loraplex.lora.resolve import download_adapter, lora_request_from
+
+    downloads = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *args, **kwargs: downloads.append(args) or "/nowhere")
+    with pytest.raises(LoRAAdapterNotFoundError, match=r"is neither a local directory nor an added adapter's name nor a Hub"):
+        download_adapter(name)
+    with pytest.raises(LoRAAdapterNotFoundError):
+        lora_request_from(name, {})
+    assert downloads == []
+    assert download_adapter("org/repo/sub") == "/nowhere/sub"  # a plain id is downloaded
+    assert downloads == [("org/repo",)]
+
+
+def test_a_hub_adapter_directory_linking_out_of_the_snapshot_is_refused(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hub" / "models--org--repo"
+    snapshot = repo / "snapshots" / "abc123"
+    (snapshot / "good").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    (tmp_path / "outside").mkdir()
+    for directory in (snapshot / "good", tmp_path / "outside"):
+        (directory / "adapter_config.json").write_text("{}")
+    (snapshot / "sub").symlink_to(tmp_path / "outside", target_is_directory=True)
+    code = ("from loraplex.lora.resolve import download_adapter\n"
+            "print(download_adapter('org/repo/good'))\n"
+            "try:\n    download_adapter('org/repo/sub')\n"
+            "except Exception as exc:\n    print(type(exc).__name__, exc)\n")
+    # HF_HUB_CACHE and HF_HUB_OFFLINE are read once, at import: a fresh process with a pre-built cache
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    good, refused = result.stdout.strip().splitlines()
+    assert good == str(snapshot / "good")
+    assert refused.startswith("InvalidLoRAAdapterError LoRA adapter 'org/repo/sub'")
+    assert f"leads to '{tmp_path / 'outside'}', outside the downloaded snapshot" in refused

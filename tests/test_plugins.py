@@ -25,8 +25,8 @@ from loraplex import plugins
 from loraplex.resolver import LoRAResolver, _LoRAResolverRegistry
 
 PACKAGES = Path(__file__).parent / "plugin_packages"
-TEST_PLUGINS = ("alpha", "beta", "broken_import", "broken_register")
-TEST_RESOLVERS = ("alpha_resolver", "beta_resolver", "broken_half_resolver")
+TEST_PLUGINS = ("alpha", "beta", "broken_import", "broken_register", "exit_import", "exit_register")
+TEST_RESOLVERS = ("alpha_resolver", "beta_resolver", "broken_half_resolver", "exit_half_resolver")
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +34,7 @@ def plugin_site(tmp_path_factory) -> Path:
     """The test plugin packages, pip-installed into a directory of their own (offline)."""
     root = tmp_path_factory.mktemp("plugin_packages")
     sources = []
-    for name in ("alpha", "beta", "broken"):
+    for name in ("alpha", "beta", "broken", "exiting"):
         shutil.copytree(PACKAGES / name, root / "src" / name)  # build outside the repository
         sources.append(str(root / "src" / name))
     site = root / "site"
@@ -153,6 +153,20 @@ def test_a_plugin_whose_registration_raises_is_undone_and_does_not_stop_the_othe
     assert report["by_name"]["broken_register"]["resolvers_registered"] == []
     assert report["resolvers"] == ["beta_resolver"]
     assert "registration failed (RuntimeError: bucket is not configured)" in stderr
+
+
+def test_a_plugin_that_calls_sys_exit_is_reported_like_one_that_raises(plugin_site) -> None:
+    report, stderr = load(plugin_site, "exit_import,exit_register,alpha")
+    by_name = report["by_name"]
+    assert by_name["exit_import"]["loaded"] is False
+    assert by_name["exit_import"]["error"] == (
+        "import failed (SystemExit: it called sys.exit('lp_test_exit_import: no configuration found, giving up'))")
+    assert by_name["exit_register"]["error"] == "registration failed (SystemExit: it called sys.exit(3))"
+    assert by_name["exit_register"]["resolvers_registered"] == []
+    assert report["resolvers"] == ["alpha_resolver"]  # the half-registered resolver is undone, the others load
+    assert by_name["alpha"]["loaded"]
+    for name in ("exit_import", "exit_register"):
+        assert f"plugin '{name}' (package loraplex-test-plugin-exiting 0.0.2) did not load" in stderr
 
 
 def test_strict_mode_makes_failures_fatal(plugin_site) -> None:

@@ -1,4 +1,9 @@
-"""The paged KV cache's block allocator: fixed-size blocks handed out and returned by id."""
+"""The paged KV cache's block allocator: fixed-size blocks handed out and returned by id.
+
+A released block is not cleared: its K/V stay until the next owner overwrites them. That is safe
+because attention never lets a position a sequence has not written reach it (see
+models/attention), whatever the position holds, NaN and Inf included.
+"""
 
 from __future__ import annotations
 

@@ -27,14 +27,14 @@ class IncrementalDetokenizer:
 
     def append(self, seq: Sequence, flush: bool = False) -> str:
         """Decode the newly appended tokens into `seq.output_text`; return the new text."""
-        ids = seq.all_token_ids()
+        window = _tokens_from(seq, seq.prefix_offset)  # only the window: never copy every token
         skip = seq.params.skip_special_tokens
-        prefix = self.tokenizer.decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=skip)
-        full = self.tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=skip)
+        prefix = self.tokenizer.decode(window[: seq.read_offset - seq.prefix_offset], skip_special_tokens=skip)
+        full = self.tokenizer.decode(window, skip_special_tokens=skip)
         if len(full) > len(prefix) and (flush or not full.endswith("\ufffd")):
             delta = full[len(prefix) :]
             seq.prefix_offset = seq.read_offset
-            seq.read_offset = len(ids)
+            seq.read_offset = seq.num_tokens
             seq.output_text += delta
             return delta
         return ""
@@ -54,9 +54,23 @@ def find_stop_string(seq: Sequence, new_chars: int) -> tuple[str, int] | None:
     return best
 
 
-def visible_text(seq: Sequence) -> str:
-    """Text safe to show while running: holds back a tail that may yet become a stop string."""
+def _tokens_from(seq: Sequence, start: int) -> list[int]:
+    """The sequence's token ids from position `start` on (prompt, then output)."""
+    n = len(seq.prompt_token_ids)
+    if start >= n:
+        return seq.output_token_ids[start - n :]
+    return seq.prompt_token_ids[start:] + seq.output_token_ids
+
+
+def visible_length(seq: Sequence) -> int:
+    """How much of `seq.output_text` is safe to show: a running sequence holds back a tail that
+    may yet become a stop string (what is shown is never taken back)."""
     if seq.is_finished or not seq.params.stop_strings:
-        return seq.output_text
+        return len(seq.output_text)
     hold = max(len(s) for s in seq.params.stop_strings) - 1
-    return seq.output_text[: len(seq.output_text) - hold] if hold else seq.output_text
+    return max(len(seq.output_text) - hold, 0)
+
+
+def visible_text(seq: Sequence) -> str:
+    """Text safe to show while running (see visible_length)."""
+    return seq.output_text[: visible_length(seq)]  # the string itself when nothing is held back

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
+import numbers
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -19,12 +21,13 @@ from ..lora.request import LoRARequest
 from ..lora.resolution import LoRAResolution
 from ..lora.resolve import lora_request_from
 from ..model_loader.loader import load_config, load_model, resolve_model_path
-from ..outputs import CompletionOutput, Logprob, RequestOutput
+from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from ..tokenizer import load_tokenizer, stop_token_ids_of
 from .block_pool import BlockPool
-from .detokenizer import IncrementalDetokenizer, find_stop_string, visible_text
+from .kv_budget import available_host_memory, cpu_kv_budget, gpu_kv_budget
 from .model_runner import KVCache, ModelRunner
+from .output_processor import Emitted, OutputProcessor
 from .sampler import Sampler, SamplingRow
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -32,8 +35,6 @@ from .sequence import Sequence
 logger = logging.getLogger(__name__)
 
 PromptType = str | dict[str, Any] | list[int]
-
-_DEFAULT_CPU_KV_BYTES = 4 << 30  # vLLM's default VLLM_CPU_KVCACHE_SPACE of 4 GiB
 
 
 @dataclass(eq=False)
@@ -46,6 +47,11 @@ class _Request:
     arrival: float
     lora_request: Any = None
     metrics: dict[str, float] = field(default_factory=dict)
+    emitted: list[Emitted] = field(default_factory=list)  # per sequence, kept by the OutputProcessor
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)
 
 
 class LLMEngine:
@@ -76,8 +82,8 @@ class LLMEngine:
                                    self.max_num_batched_tokens, self.lora_manager)
         self.runner = ModelRunner(self.model, self.kv_cache, args.block_size, self.device, self.dtype, self.lora_manager)
         self.sampler = Sampler(args.seed, self.device)
-        self.detokenizer = IncrementalDetokenizer(self.tokenizer)
         self.eos_token_ids = stop_token_ids_of(self.tokenizer, self.model_path)
+        self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
 
@@ -100,7 +106,7 @@ class LLMEngine:
 
     def _num_kv_blocks(self, num_kv_heads: int, head_dim: int) -> int:
         per_token = KVCache.bytes_per_token(len(self.model.layers), num_kv_heads, head_dim, self.dtype)
-        budget = self.args.kv_cache_memory_bytes or self._default_kv_budget()
+        budget = self._kv_budget()
         num_blocks = budget // (per_token * self.args.block_size)
         if num_blocks * self.args.block_size < self.max_model_len:
             need = -(-self.max_model_len // self.args.block_size) * self.args.block_size * per_token
@@ -127,14 +133,12 @@ class LLMEngine:
         # resolvers get the model as it was named (vLLM passes its `model` argument)
         return LoRAResolution(LoRAResolverRegistry, self.args.model or self.served_model_name, self._add_resolved_lora)
 
-    def _default_kv_budget(self) -> int:
+    def _kv_budget(self) -> int:
+        """The KV cache's bytes (see kv_budget): refused when more than the device has left."""
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            used = total - free
-            return max(0, int(total * self.args.gpu_memory_utilization) - used - (1 << 30))  # 1 GiB for activations
-        from ..envs import cpu_kv_cache_space_bytes
-
-        return cpu_kv_cache_space_bytes() or _DEFAULT_CPU_KV_BYTES
+            return gpu_kv_budget(self.args.kv_cache_memory_bytes, self.args.gpu_memory_utilization, free, total)
+        return cpu_kv_budget(self.args.kv_cache_memory_bytes, available_host_memory())
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -151,10 +155,22 @@ class LLMEngine:
         `lora_request` is a LoRARequest or a string: a local adapter directory, a Hub repo id, or
         the name of an adapter already added. The adapter is loaded and checked here, so a bad
         one fails this call and nothing else.
+
+        Everything is checked before anything is allocated: the id, the parameters and the
+        prompt first, then the adapter. A request refused here leaves the engine as it was.
         """
+        if not isinstance(request_id, str):
+            raise InvalidRequestError(f"request_id must be a string; got {type(request_id).__name__} {request_id!r}")
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use; give each request a unique id")
-        params = params or SamplingParams()
+        if params is None:
+            params = SamplingParams()
+        elif not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"params must be a SamplingParams; got {type(params).__name__}")
+        params.verify()  # again: a field may have been changed since construction
+        if arrival_time is not None and (isinstance(arrival_time, bool) or not isinstance(arrival_time, (int, float))
+                                         or not math.isfinite(arrival_time)):
+            raise InvalidRequestError(f"arrival_time must be None or a finite number of seconds; got {arrival_time!r}")
         text, token_ids = self._tokenize(prompt)
         self._validate_prompt(token_ids)
         lora_request = self._register_lora(lora_request) if lora_request is not None else None
@@ -167,12 +183,12 @@ class LLMEngine:
                 generator.manual_seed(params.seed + index)
             seq = Sequence(next(self._seq_ids), request_id, index, list(token_ids), params, arrival, generator,
                            lora_name=lora_request.lora_name if lora_request else None)
-            self.detokenizer.start(seq)
             seqs.append(seq)
         request = _Request(request_id, text, list(token_ids), params, seqs, arrival, lora_request)
         request.metrics["arrival_time"] = arrival
         if lora_request is not None:
             self.lora_manager.record_request(lora_request.lora_name, len(token_ids))
+        self.output_processor.add_request(request)
         self.requests[request_id] = request
         for seq in seqs:
             self.scheduler.add(seq)
@@ -241,17 +257,36 @@ class LLMEngine:
         return self.lora_manager
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """The prompt's text (None when given as token ids) and its token ids, as Python ints."""
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            text = prompt.get("prompt")
+            if text is not None and not isinstance(text, str):
+                raise InvalidRequestError(f"prompt['prompt'] must be a string or absent; got {type(text).__name__}")
+            return text, self._token_ids(prompt["prompt_token_ids"], "prompt['prompt_token_ids']")
         if isinstance(prompt, dict) and "prompt" in prompt:
+            if not isinstance(prompt["prompt"], str):
+                raise InvalidRequestError(f"prompt['prompt'] must be a string; got {type(prompt['prompt']).__name__}")
             return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
+        if isinstance(prompt, (list, tuple)):
+            return None, self._token_ids(prompt, "prompt")
         raise InvalidRequestError(
             f"prompt must be a string, {{'prompt': str}} or {{'prompt_token_ids': [int, ...]}}; got {type(prompt).__name__}"
         )
+
+    @staticmethod
+    def _token_ids(ids: object, where: str) -> list[int]:
+        """`ids` as a list of ints; bools, floats and strings are refused (the model indexes with them)."""
+        if not isinstance(ids, (list, tuple)):
+            raise InvalidRequestError(f"{where} must be a list of integer token ids; got {type(ids).__name__}")
+        for position, token in enumerate(ids):
+            if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+                raise InvalidRequestError(
+                    f"{where} must be a list of integer token ids; item {position} is {token!r} ({type(token).__name__}); "
+                    "pass token ids as ints, or the prompt as text"
+                )
+        return [int(token) for token in ids]
 
     def _validate_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
@@ -264,7 +299,8 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
-            raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+            raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab}) of the model; "
+                                      "give ids the model's tokenizer produces")
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
@@ -287,7 +323,11 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Run one batched forward pass; return the outputs of every request it advanced."""
+        """Run one batched forward pass; return the outputs of the requests it advanced.
+
+        What each output carries follows its request's `SamplingParams.output_kind`; a
+        FINAL_ONLY request that has not finished yet, for one, has no output this step.
+        """
         batch = self.scheduler.schedule()
         touched: dict[str, _Request] = {}
         for seq, error in batch.failed:
@@ -299,87 +339,27 @@ class LLMEngine:
         if not batch:
             return self._outputs(touched)
         seqs = batch.sequences
+        processor = self.output_processor
         logits = self.runner.execute(batch)  # [B, V]
-        rows = [SamplingRow(seq.params, self._banned_tokens(seq), seq.generator) for seq in seqs]
+        rows = [SamplingRow(seq.params, processor.banned_tokens(seq), seq.generator) for seq in seqs]
         sampled = self.sampler(logits, rows)
         now = time.monotonic()
         for i, seq in enumerate(seqs):
             request = self.requests[seq.request_id]
-            request.metrics.setdefault("first_token_time", now)
-            self._append_token(seq, sampled.token_ids[i], sampled, i)
+            processor.append_token(request, seq, sampled, i, now)
+            if seq.lora_name is not None:
+                self.lora_manager.record_generated(seq.lora_name)
             if seq.is_finished:
                 self.scheduler.free(seq)
             touched[request.request_id] = request
         return self._outputs(touched)
 
-    def _outputs(self, touched: dict[str, "_Request"]) -> list[RequestOutput]:
-        outputs = [self._request_output(request) for request in touched.values()]
-        for out in outputs:
-            if out.finished:
-                self.requests.pop(out.request_id, None)
+    def _outputs(self, touched: dict[str, _Request]) -> list[RequestOutput]:
+        outputs = []
+        for request in touched.values():
+            out = self.output_processor.make_output(request)
+            if out is not None:
+                outputs.append(out)
+            if request.finished:
+                self.requests.pop(request.request_id, None)
         return outputs
-
-    def _banned_tokens(self, seq: Sequence) -> list[int]:
-        if len(seq.output_token_ids) >= seq.params.min_tokens:
-            return []
-        banned = list(seq.params.stop_token_ids)
-        if not seq.params.ignore_eos:
-            banned.extend(self.eos_token_ids)
-        return banned
-
-    def _append_token(self, seq: Sequence, token: int, sampled, row: int) -> None:
-        params = seq.params
-        seq.output_token_ids.append(token)
-        if seq.lora_name is not None:
-            self.lora_manager.record_generated(seq.lora_name)
-        if sampled.sampled_logprobs is not None and params.logprobs is not None:
-            self._record_logprobs(seq, token, sampled, row)
-        is_eos = token in self.eos_token_ids and not params.ignore_eos
-        if is_eos or token in params.stop_token_ids:
-            # the stop token ends the text; its own text is shown only if asked for
-            if params.include_stop_str_in_output and not is_eos:
-                self.detokenizer.append(seq, flush=True)
-            seq.finish("stop", None if is_eos else token)
-            return
-        new = self.detokenizer.append(seq)
-        if params.stop_strings and new:
-            hit = find_stop_string(seq, len(new))
-            if hit is not None:
-                stop, index = hit
-                end = index + len(stop) if params.include_stop_str_in_output else index
-                seq.output_text = seq.output_text[:end]
-                seq.finish("stop", stop)
-                return
-        if (params.max_tokens is not None and len(seq.output_token_ids) >= params.max_tokens) or seq.num_tokens >= self.max_model_len:
-            self.detokenizer.append(seq, flush=True)
-            seq.finish("length")
-
-    def _record_logprobs(self, seq: Sequence, token: int, sampled, row: int) -> None:
-        entry = {
-            tid: Logprob(lp, rank + 1, self.detokenizer.token_text(tid))
-            for rank, (tid, lp) in enumerate(zip(sampled.top_ids[row], sampled.top_logprobs[row]))
-        }
-        if token not in entry:
-            entry[token] = Logprob(sampled.sampled_logprobs[row], sampled.sampled_ranks[row], self.detokenizer.token_text(token))
-        if seq.logprobs is None:
-            seq.logprobs = []
-        seq.logprobs.append(entry)
-        seq.cumulative_logprob += sampled.sampled_logprobs[row]
-
-    def _request_output(self, request: _Request) -> RequestOutput:
-        completions = [
-            CompletionOutput(
-                index=seq.index,
-                text=visible_text(seq),
-                token_ids=list(seq.output_token_ids),
-                cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
-                logprobs=seq.logprobs,
-                finish_reason=seq.finish_reason,
-                stop_reason=seq.stop_reason,
-                lora_request=request.lora_request,
-            )
-            for seq in request.seqs
-        ]
-        finished = all(seq.is_finished for seq in request.seqs)
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
-                             finished, request.lora_request, dict(request.metrics))

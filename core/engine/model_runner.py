@@ -62,7 +62,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, **to),
             prefill_lens=[seq.num_tokens for seq in batch.prefills],
             num_prefill_tokens=num_prefill_tokens,
-            decode_blocks=None, decode_mask=None, decode_window_mask=None,
+            decode_blocks=None, decode_mask=None, decode_window_mask=None, decode_unused_rows=None,
             sliding_window=self.model.sliding_window, block_size=self.block_size,
         )
         if batch.decodes:
@@ -95,12 +95,16 @@ class ModelRunner:
         table = [seq.block_ids[:max_blocks] + [0] * (max_blocks - len(seq.block_ids[:max_blocks])) for seq in batch.decodes]
         meta.decode_blocks = torch.tensor(table, device=self.device, dtype=torch.long)  # [Bd, nb]
         length = max_blocks * bs
-        context = torch.tensor(lengths, device=self.device)[:, None]  # [Bd, 1]
-        key_pos = torch.arange(length, device=self.device)[None, :]  # [1, L]
+        # built on the host: a GPU step then never waits for the nonzero() below
+        context = torch.tensor(lengths)[:, None]  # [Bd, 1]
+        key_pos = torch.arange(length)[None, :]  # [1, L]
         outside = key_pos >= context  # [Bd, L]
-        meta.decode_mask = _additive(outside, self.dtype)
+        meta.decode_mask = _additive(outside.to(self.device), self.dtype)
         if meta.sliding_window is not None:
-            meta.decode_window_mask = _additive(outside | (key_pos <= context - 1 - meta.sliding_window), self.dtype)
+            outside_window = outside | (key_pos <= context - 1 - meta.sliding_window)  # [Bd, L]
+            meta.decode_window_mask = _additive(outside_window.to(self.device), self.dtype)
+        # the gathered rows past each context, set to zero before attention reads them (see attention)
+        meta.decode_unused_rows = outside.view(-1).nonzero().view(-1).to(self.device)  # [U]
 
 
 def _additive(masked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -4,6 +4,7 @@
     resolve      a string lora_request -> LoRARequest (added name, local dir, Hub repo id)
     peft_config  reading and vetting adapter_config.json
     adapter      loading and checking adapter weights, scaling folded into B
+    fingerprint  size, mtime and digest of an adapter's files, to find changes on disk
     layers       LoRALinear: base output plus per-token deltas by slot
     manager      CPU LRU cache, device slots, pinning, per-adapter statistics
     slot_layout  where each wrapped linear's weights sit in a slot's flat buffer

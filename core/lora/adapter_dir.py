@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
+
+from .peft_config import CONFIG_FILE, read_config_json, shown
 
 __all__ = ["WEIGHT_FILES", "adapter_problem", "name_parts", "name_problem", "short_model_name", "stable_lora_id"]
 
@@ -61,27 +62,32 @@ def adapter_problem(path: Path, base_model_name: str, root: Path) -> str | None:
     """Why directory `path` is not a PEFT LoRA adapter for `base_model_name`, or None if it is.
 
     `root` is the resolved resolver root: the config and weight files must resolve inside it
-    too (a symlinked file pointing elsewhere is refused).
+    too (a symlinked file pointing elsewhere is refused). The config is read as the loader reads
+    it (size cap, JSON checks: see peft_config); the full check happens when it is loaded.
     """
-    config_file = path / "adapter_config.json"
-    if not config_file.is_file():
-        return "it has no adapter_config.json"
-    weights = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
-    if not weights:
-        return f"it has no adapter weights ({' or '.join(WEIGHT_FILES)})"
-    for file in (config_file, *weights):
-        if not file.resolve().is_relative_to(root):
-            return f"{file.name} is a link to {str(file.resolve())!r}, outside {str(root)!r}"
+    config_file = path / CONFIG_FILE
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return f"adapter_config.json cannot be read ({type(exc).__name__}: {exc})"
-    if not isinstance(config, dict):
-        return "adapter_config.json does not hold a JSON object"
+        if not config_file.is_file():
+            return "it has no adapter_config.json"
+        weights = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
+        if not weights:
+            return f"it has no adapter weights ({' or '.join(WEIGHT_FILES)})"
+        for file in (config_file, *weights):
+            if not file.resolve().is_relative_to(root):
+                return f"{file.name} is a link to {str(file.resolve())!r}, outside {str(root)!r}"
+        config, _ = read_config_json(config_file)
+    except FileNotFoundError:  # removed while we looked
+        return "it has no adapter_config.json"
+    except OSError as exc:  # e.g. a name too long for the filesystem, a directory we may not list
+        return f"its files cannot be examined ({exc.strerror or exc})"
+    except ValueError as exc:
+        return f"adapter_config.json cannot be read ({exc})"
     peft_type = config.get("peft_type")
-    if str(peft_type).upper() != "LORA":
-        return f"its peft_type is {peft_type!r}, not 'LORA'"
+    if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
+        return f"its peft_type is {shown(peft_type)}, not 'LORA'"
     trained_for = config.get("base_model_name_or_path")
-    if trained_for and base_model_name and short_model_name(str(trained_for)) != short_model_name(base_model_name):
-        return f"it was trained for base model {trained_for!r}, not the served {base_model_name!r}"
+    if not isinstance(trained_for, (str, type(None))):
+        return f"its base_model_name_or_path is {shown(trained_for)}, not a model name"
+    if trained_for and base_model_name and short_model_name(trained_for) != short_model_name(base_model_name):
+        return f"it was trained for base model {shown(trained_for)}, not the served {base_model_name!r}"
     return None

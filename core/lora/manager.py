@@ -5,6 +5,14 @@ An adapter moves disk -> CPU cache (`max_cpu_loras`, least recently used evicted
 otherwise the least recently used slot is reused. Every wrapped linear holds the slots' stacked
 weights as views of one flat buffer per slot, and an adapter waits in the CPU cache as a flat
 image of that buffer, so activating it is one copy (see slot_layout).
+
+A registered name keeps meaning the weights it was registered with. The files' fingerprint (size,
+mtime and SHA-256 of adapter_config.json and of the weight file, see fingerprint) is recorded at
+registration; when an adapter evicted from the CPU cache is read from disk again, files whose
+content changed meanwhile are refused with a LoRAError (the requests that need the adapter fail,
+nothing else does) rather than silently served, or silently adopted, under the old name. New
+files are taken only when the operator says so: an in-place reload, or remove_lora + add_lora.
+A file merely touched (new mtime, same content) is the same adapter.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from ..kernels import LoRABatchMapping, native_cpu
 from ..models import CausalLM
 from . import huge_pages
 from .adapter import LoRAAdapter, load_adapter
+from .fingerprint import Fingerprint
 from .layers import LoRALinear, LoRAStepState
 from .request import LoRARequest
 from .slot_layout import ModuleKey, SlotLayout
@@ -84,6 +93,7 @@ class LoRAManager:
             setattr(layer, name, wrapped)
             self.layers[(index, name)] = wrapped
         self.registered: dict[str, LoRARequest] = {}
+        self._fingerprints: dict[str, Fingerprint] = {}  # of each registered adapter's files, at registration
         self.cpu_cache: OrderedDict[str, LoRAAdapter] = OrderedDict()
         self.slots: list[str | None] = [None] * config.max_loras
         self._slot_clock = [0] * config.max_loras  # last use, for LRU among idle slots
@@ -98,7 +108,11 @@ class LoRAManager:
     # ---- registration (disk -> CPU) -------------------------------------------------------------
 
     def add_lora(self, request: LoRARequest) -> bool:
-        """Register and load an adapter (validated now); False if it was already registered."""
+        """Register and load an adapter (validated now); False if it was already registered.
+
+        Nothing is registered unless every check passes.
+        """
+        self._check_base_model_name(request)  # also for a known name: it is asked for as this request says
         known = self.registered.get(request.lora_name)
         if known is not None:
             if known.lora_path != request.lora_path or known.lora_int_id != request.lora_int_id:
@@ -114,9 +128,9 @@ class LoRAManager:
                     f"LoRA id {request.lora_int_id} of adapter {request.lora_name!r} is already used by adapter "
                     f"{other.lora_name!r}; give each adapter its own lora_int_id"
                 )
-        self._check_base_model_name(request)
         adapter = self._load(request)
         self.registered[request.lora_name] = request
+        self._fingerprints[request.lora_name] = adapter.fingerprint
         self._cache_put(adapter)
         return True
 
@@ -131,6 +145,7 @@ class LoRAManager:
                 "abort them or wait for them to finish before removing it"
             )
         self.registered.pop(name)
+        self._fingerprints.pop(name, None)
         self.cpu_cache.pop(name, None)
         self.pinned.discard(name)
         self._reloaded.discard(name)
@@ -184,7 +199,8 @@ class LoRAManager:
     def _load(self, request: LoRARequest) -> LoRAAdapter:
         start = time.perf_counter()
         adapter = load_adapter(request.lora_path, request.lora_name, self.layout, self.dtype,
-                               self.config.served_names, pin_memory=self.device.type == "cuda")
+                               self.config.served_names, pin_memory=self.device.type == "cuda",
+                               expected=self._fingerprints.get(request.lora_name))
         stats = self.stats.setdefault(request.lora_name, AdapterStats())
         stats.loads += 1
         stats.load_seconds += time.perf_counter() - start

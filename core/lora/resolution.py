@@ -7,6 +7,13 @@ shapes) wins. Around that:
 * gate: only when `VLLM_ALLOW_RUNTIME_LORA_UPDATING` is true;
 * each resolver call runs under a timeout (`LORAPLEX_LORA_RESOLVER_TIMEOUT`, default 30 s); one
   that raises or times out is logged with its name and reason, and the next one is asked;
+* resolvers cannot take the process down: each runs on an event loop thread of its own
+  (`resolver_loop`), so one that blocks its loop with synchronous work still times out and
+  blocks only itself, and anything it raises (`SystemExit`, `KeyboardInterrupt`, a
+  `CancelledError` of its own) fails that one lookup like any error. A resolver still stuck in
+  a call that outlived its timeout is reported as busy, without being asked, until that call
+  ends. Only a cancellation of the resolution itself (its task, its loop shutting down)
+  propagates;
 * single-flight: concurrent calls for one name (from any event loop or thread) share one run
   and get the same result or error;
 * misses (no resolver found the name) are remembered for `LORAPLEX_LORA_RESOLVER_MISS_TTL`
@@ -34,6 +41,7 @@ from .. import envs
 from ..errors import InvalidLoRAAdapterError, LoRAAdapterNotFoundError, LoRAError
 from ..resolver import LoRAResolverRegistry, _LoRAResolverRegistry
 from .request import LoRARequest
+from .resolver_loop import call_resolver
 
 __all__ = ["LoRAResolution", "ValidateFn"]
 
@@ -49,7 +57,7 @@ _ENABLE_HINT = "set VLLM_ALLOW_RUNTIME_LORA_UPDATING=True to let loraplex find u
 @dataclass
 class _Outcome:
     resolver: str
-    kind: str  # "not found" | "error" | "timeout" | "invalid" | "found"
+    kind: str  # "not found" | "error" | "timeout" | "busy" | "invalid" | "found"
     detail: str = ""
 
     def __str__(self) -> str:
@@ -129,9 +137,15 @@ class LoRAResolution:
                 if isinstance(exc, LoRAAdapterNotFoundError) and self.miss_ttl > 0:
                     self._misses[lora_name] = (self._clock() + self.miss_ttl, str(exc))
                 self._end_flight(lora_name)
-            future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
+            if isinstance(exc, Exception):
+                future.set_exception(exc)
+                return
+            # this run was cancelled or interrupted (e.g. its loop shut down): the waiters, who
+            # were not, get an error rather than a cancellation that is not theirs
+            future.set_exception(LoRAError(
+                f"resolving LoRA adapter {lora_name!r} was interrupted ({_reason(exc)}) before it ended; try again"
+            ))
+            raise
         else:
             with self._lock:
                 self._end_flight(lora_name)
@@ -171,18 +185,25 @@ class LoRAResolution:
         )
 
     async def _ask(self, name: str, resolver, lora_name: str) -> tuple[_Outcome, LoRARequest | None]:
-        """One resolver's answer, under the timeout; its failures become outcomes, never exceptions."""
+        """One resolver's answer, under the timeout, on its own loop thread; whatever it does
+        becomes an outcome. Raises only CancelledError, when this resolution is cancelled."""
         self.resolver_calls += 1
-        try:
-            request = await asyncio.wait_for(resolver.resolve_lora(self.base_model_name, lora_name), self.timeout)
-        except asyncio.TimeoutError:
+        answer = await call_resolver(resolver, name, (self.base_model_name, lora_name), self.timeout)
+        if answer.kind == "timeout":
             detail = f"no answer within {self.timeout:g} s (LORAPLEX_LORA_RESOLVER_TIMEOUT)"
             logger.warning("LoRA resolver %r timed out resolving adapter %r: %s; asking the next resolver", name, lora_name, detail)
             return _Outcome(name, "timeout", detail), None
-        except Exception as exc:  # noqa: BLE001 - a failing resolver must not stop the others
-            logger.warning("LoRA resolver %r failed resolving adapter %r: %s; asking the next resolver",
-                           name, lora_name, _reason(exc))
-            return _Outcome(name, "error", _reason(exc)), None
+        if answer.kind == "busy":
+            detail = (f"not asked: an earlier call is still running past the {self.timeout:g} s timeout (the resolver "
+                      "blocks its event loop or ignores cancellation)")
+            logger.warning("LoRA resolver %r is busy, so adapter %r was not looked up there: %s; asking the next resolver",
+                           name, lora_name, detail)
+            return _Outcome(name, "busy", detail), None
+        if answer.kind != "value":  # raised anything (SystemExit and CancelledError included)
+            detail = _reason(answer.error) if answer.error is not None else "its call was cancelled"
+            logger.warning("LoRA resolver %r failed resolving adapter %r: %s; asking the next resolver", name, lora_name, detail)
+            return _Outcome(name, "error", detail), None
+        request = answer.value
         if request is None:
             return _Outcome(name, "not found"), None
         if not isinstance(request, LoRARequest):

@@ -55,11 +55,18 @@ class SlotLayout:
         b = storage[:, m.b_offset : m.b_offset + m.b_shape[0] * m.b_shape[1]].view(slots, *m.b_shape[::-1])
         return a, b.transpose(1, 2)
 
-    def write(self, image: torch.Tensor, key: ModuleKey, slice_index: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Place one slice's A [r, in] and B [out, r] into a flat slot image [numel]."""
+    def write(self, image: torch.Tensor, key: ModuleKey, slice_index: int, a: torch.Tensor,
+              b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Place one slice's A [r, in] and B [out, r] into a flat slot image [numel].
+
+        Returns the views written, in the image's dtype, for the caller to check.
+        """
         m = self.modules[key]
         rank, r_max = a.shape[0], self.max_rank
         image_a = image[m.a_offset : m.a_offset + m.a_shape[0] * m.a_shape[1]].view(*m.a_shape)
         image_b = image[m.b_offset : m.b_offset + m.b_shape[0] * m.b_shape[1]].view(*m.b_shape[::-1]).t()
-        image_a[slice_index * r_max : slice_index * r_max + rank].copy_(a)
-        image_b[m.slice_offsets[slice_index] : m.slice_offsets[slice_index + 1], :rank].copy_(b)
+        written_a = image_a[slice_index * r_max : slice_index * r_max + rank]  # [r, in]
+        written_b = image_b[m.slice_offsets[slice_index] : m.slice_offsets[slice_index + 1], :rank]  # [out, r]
+        written_a.copy_(a)
+        written_b.copy_(b)
+        return written_a, written_b

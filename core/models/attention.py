@@ -4,6 +4,15 @@ A step's tokens are flattened into one batch ordered as [prefill tokens..., deco
 Prefill sequences attend causally to their own new tokens (the engine recomputes whole prompts,
 so a prefill never has a cached prefix); decode tokens attend to their sequence's cached keys,
 gathered from the block pool with indices computed once per step and shared by all layers.
+
+A decode gathers whole blocks: the padding entries of the block table (block 0) and the tail of
+a sequence's last block come along, holding whatever an earlier or concurrent request left
+there, NaN and Inf included. Masking them by arithmetic alone (-inf scores, zero weights) lets
+such values through (0 * NaN = NaN), so those rows of the gathered copies are first set to zero
+(index_fill_: selection, not multiplication); no stale value can reach another request. Filling
+just those rows (indices built once per step) costs a small fraction of the gather, where a
+masked_fill_ over the whole copy doubled the cost of decode attention on CPU. Keys inside the
+context but outside a sliding window are the sequence's own and are masked by -inf as before.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ class AttentionMetadata:
     decode_blocks: torch.Tensor | None  # [Bd, nb] block table of each decode sequence (padded with block 0)
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, L] additive mask: 0 inside the context, -inf after
     decode_window_mask: torch.Tensor | None  # [Bd, 1, 1, L] same, also masking keys outside the sliding window
+    decode_unused_rows: torch.Tensor | None  # [U] rows of the gathered [Bd * L] keys past their sequence's context
     sliding_window: int | None
     block_size: int
 
@@ -86,6 +96,9 @@ class PagedAttention:
         values = v_cache.view(-1, meta.block_size * self.num_kv_heads * self.head_dim).index_select(0, blocks)
         keys = keys.view(bd, length, self.num_kv_heads, self.head_dim)  # [Bd, L, Hkv, D]
         values = values.view(bd, length, self.num_kv_heads, self.head_dim)
+        # stale rows become exact zeros (in the gathered copies): finite scores, which -inf then masks
+        keys.view(bd * length, -1).index_fill_(0, meta.decode_unused_rows, 0.0)
+        values.view(bd * length, -1).index_fill_(0, meta.decode_unused_rows, 0.0)
         mask = meta.decode_window_mask if self.sliding and meta.decode_window_mask is not None else meta.decode_mask
         # the query heads sharing a KV head become that head's "query positions": no K/V repeat
         group = self.num_heads // self.num_kv_heads

@@ -1,0 +1,1 @@
+"""Entry points into the engine: the servers that front it."""

@@ -1,0 +1,97 @@
+"""A real loraplex server for the server tests: uvicorn on 127.0.0.1 (a free port), in a thread.
+
+`ServerThread(app)` starts uvicorn on the app in a background thread and waits until it listens;
+`url`, `client()` (the official `openai` client) and `http` (an `httpx.Client`) reach it; `stop()`
+ends it. The engine behind the app lives in the test process, so tests can compare the server's
+answers with transformers and PEFT and look at the engine's state. Tests share one server per
+module (see the module fixtures); `free_port()` serves subprocess servers too.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from typing import Any
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerThread:
+    def __init__(self, app: Any, api_key: str | None = None, timeout: float = 60.0) -> None:
+        import uvicorn
+
+        self.app = app
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api_key = api_key
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the test server on port {self.port} did not start")
+            time.sleep(0.02)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=120.0)
+        self._clients: list[Any] = []
+
+    def client(self, api_key: str | None = None, **options: Any):
+        """The official openai client, pointed at this server."""
+        import openai
+
+        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key or self.api_key or "EMPTY",
+                               max_retries=0, timeout=120.0, **options)
+        self._clients.append(client)
+        return client
+
+    def async_client(self, api_key: str | None = None):
+        """The openai AsyncOpenAI client (close it on the loop that used it)."""
+        import openai
+
+        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=api_key or self.api_key or "EMPTY",
+                                  max_retries=0, timeout=120.0)
+
+    def stop(self) -> None:
+        self.http.close()
+        for client in self._clients:
+            client.close()
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def sse_events(response: httpx.Response) -> list[Any]:
+    """The JSON payloads of a server-sent-event stream, checking that it ends with `data: [DONE]`."""
+    events, done = [], False
+    for line in response.iter_lines():
+        if not line:
+            continue
+        assert line.startswith("data: "), f"not a server-sent event line: {line!r}"
+        assert not done, "an event after data: [DONE]"
+        payload = line[len("data: "):]
+        if payload == "[DONE]":
+            done = True
+        else:
+            events.append(json.loads(payload))
+    assert done, "the stream did not end with data: [DONE]"
+    return events
+
+
+def assert_error(response: httpx.Response, status: int, *fragments: str) -> dict[str, Any]:
+    """The response is an error in OpenAI's shape with this status, its message holding every fragment."""
+    assert response.status_code == status, f"expected {status}, got {response.status_code}: {response.text}"
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "param", "code"}, error
+    assert error["code"] == status
+    for fragment in fragments:
+        assert fragment in error["message"], f"{fragment!r} not in {error['message']!r}"
+    return error
