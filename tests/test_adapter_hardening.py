@@ -253,3 +253,14 @@ def test_any_config_file_gives_an_object_or_a_reason(tmp_path_factory, data: byt
         assert str(exc).startswith("it ")
         return
     assert isinstance(raw, dict) and stamp.size == len(data)
+
+
+def test_a_config_without_rank_and_alpha_takes_peft_defaults(tiny, tmp_path: Path) -> None:
+    """PEFT reads a missing `r` / `lora_alpha` as LoraConfig's defaults (8, 8); so must loraplex."""
+    model_path = tiny.path("llama")
+    source = make_adapter(load_hf(model_path), tmp_path / "defaults", seed=54, r=8, lora_alpha=8, target_modules="all-linear")
+    edit_config(source, r=None, lora_alpha=None)
+    oracle = PeftOracle(load_hf(model_path), {"defaults": source})
+    engine = lora_engine(model_path, max_loras=1)
+    engine.add_request("d", PROMPTS[0], greedy(4), lora_request=LoRARequest("defaults", 1, str(source)))
+    assert_matches_oracle([step_until_done(engine)["d"]], ["defaults"], oracle, LOGPROB_ATOL["tiny"])

@@ -238,7 +238,6 @@ CASES: dict[str, tuple[Callable, type[Exception], str]] = {
     "rank_zero": (_damaged(_config(r=0)), InvalidLoRAAdapterError, r"r must be a positive integer \(a LoRA rank\); got 0"),
     "rank_negative": (_damaged(_config(r=-8)), InvalidLoRAAdapterError, r"r must be a positive integer .*got -8"),
     "rank_a_string": (_damaged(_config(r="8")), InvalidLoRAAdapterError, r"r must be a positive integer .*got '8'"),
-    "rank_missing": (_damaged(_config(r=None)), InvalidLoRAAdapterError, r"the field 'r' \(the LoRA rank\) is missing"),
     "alpha_not_a_number": (_damaged(_config(lora_alpha="sixteen")), InvalidLoRAAdapterError,
                            r"lora_alpha must be a number; got 'sixteen'"),
     "alpha_infinite": (_damaged(_config(lora_alpha=float("inf"))), InvalidLoRAAdapterError,

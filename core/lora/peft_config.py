@@ -112,6 +112,10 @@ class _Patterns:
         return default
 
 
+PEFT_DEFAULT_R = 8  # peft.LoraConfig().r
+PEFT_DEFAULT_ALPHA = 8  # peft.LoraConfig().lora_alpha
+
+
 @dataclass
 class AdapterConfig:
     """The parts of a PEFT LoRA config that decide how its weights are applied."""
@@ -129,10 +133,9 @@ class AdapterConfig:
         """Check every field loraplex reads; InvalidLoRAAdapterError naming the field otherwise."""
         _refuse_unsupported(raw, name)
         try:
-            if "r" not in raw:
-                raise ValueError("the field 'r' (the LoRA rank) is missing")
-            r = _rank("r", raw["r"])
-            alpha = _number("lora_alpha", raw.get("lora_alpha", r))
+            # a field PEFT's save_pretrained left out takes PEFT's LoraConfig default (r=8, lora_alpha=8)
+            r = _rank("r", raw.get("r", PEFT_DEFAULT_R))
+            alpha = _number("lora_alpha", raw.get("lora_alpha", PEFT_DEFAULT_ALPHA))
             use_rslora = raw.get("use_rslora", False)
             if not isinstance(use_rslora, bool) and use_rslora is not None:
                 raise ValueError(f"use_rslora must be true or false; got {shown(use_rslora)}")
