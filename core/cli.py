@@ -1,6 +1,6 @@
 """The `loraplex` command line: `loraplex serve` runs the OpenAI-compatible server, `loraplex generate`
 runs prompts through the engine, with or without a LoRA adapter; `loraplex plugins` lists the
-installed plugins and what became of them."""
+installed plugins and what became of them; `loraplex new-resolver NAME` lays out a resolver package."""
 
 from __future__ import annotations
 
@@ -14,11 +14,9 @@ from .errors import LoraplexError
 
 
 def _add_lora_modules(llm, modules: list[dict[str, str]]) -> None:
-    from .lora.request import LoRARequest
-
-    for lora_id, module in enumerate(modules, start=1):
-        request = LoRARequest(module["name"], lora_id, module["path"], module.get("base_model_name"))
-        llm.llm_engine.add_lora(request)
+    engine = llm.llm_engine
+    for module in modules:  # ids from the catalog
+        engine.add_lora(engine.lora_catalog.request_for(module["name"], module["path"], module.get("base_model_name")))
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -42,13 +40,33 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _plugins(args: argparse.Namespace) -> int:
-    from .plugins import list_plugins, render_plugins
+    from . import envs
+    from .plugins import list_plugins, plugin_failures, render_plugins
 
-    print(render_plugins(list_plugins(), as_json=args.json))
+    statuses = list_plugins()
+    print(render_plugins(statuses, as_json=args.json))
+    failed = plugin_failures(statuses)
+    if failed and (args.strict or envs.plugins_strict()):
+        print(f"loraplex: error: strict mode: {len(failed)} plugin(s) failed or are not installed: "
+              f"{', '.join(s.name for s in failed)} (see STATUS above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _new_resolver(args: argparse.Namespace) -> int:
+    from .testing.template import write_resolver_package
+
+    package = write_resolver_package(args.name, args.dir)
+    print(f"created {package}: a resolver package whose conformance tests pass as generated; next:\n"
+          f"  cd {package} && pip install -e '.[test]' && pytest")
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.ray:
+        from .ray.application import run_on_local_ray
+
+        return run_on_local_ray(args)
     from .entrypoints.openai.api_server import run_server
 
     return run_server(args)
@@ -84,7 +102,15 @@ def build_parser(engine_flags: bool = True) -> argparse.ArgumentParser:
     plugins = commands.add_parser("plugins", help="list installed plugins: package, version, allowed by VLLM_PLUGINS, "
                                                   "loaded or why not, resolvers registered")
     plugins.add_argument("--json", action="store_true", help="print the report as JSON")
+    plugins.add_argument("--strict", action="store_true",
+                         help="exit with status 1 when a plugin failed or VLLM_PLUGINS names one that is not installed "
+                              "(also: LORAPLEX_PLUGINS_STRICT=1)")
     plugins.set_defaults(handler=_plugins)
+    new = commands.add_parser("new-resolver", help="lay out a resolver package (entry point, plugin, conformance "
+                                                   "tests that pass as generated)")
+    new.add_argument("name", help="the resolver's short name, e.g. 'artifacts' (package loraplex-resolver-artifacts)")
+    new.add_argument("--dir", default=".", help="where to create the package's folder (default: the current directory)")
+    new.set_defaults(handler=_new_resolver)
     return parser
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConfigError
+from .vllm_compat import VllmCompatArgs, check_vllm_args
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
@@ -27,7 +28,7 @@ _SEED_MIN, _SEED_END = -(2**63), 2**64
 
 
 @dataclass
-class EngineArgs:
+class EngineArgs(VllmCompatArgs):
     """Options of `LLM`, `LLMEngine.from_engine_args` and `loraplex serve`.
 
     model: a Hugging Face model directory or Hub repo id; None serves the embedded default.
@@ -45,8 +46,19 @@ class EngineArgs:
     model's) or a dtype name; "bfloat16" halves the bytes each LoRA step streams on a float32
     model, at bfloat16's precision for the adapter weights.
 
+    enable_prefix_caching (on, as in vLLM): full KV blocks are shared between requests with the
+    same prefix and the same weights (base model, or one adapter at one version); a prompt then
+    computes only the tokens after its cached prefix. enable_chunked_prefill (on, as in vLLM's
+    V1 engine): a prompt longer than what is left of the step's max_num_batched_tokens is
+    prefilled in chunks over several steps while running requests keep decoding, so one long
+    prompt no longer stalls every stream; max_num_batched_tokens may then be below
+    max_model_len. Off, a prompt is prefilled in one step or waits.
+
     Every field is checked for its type and range (integers are ints, not bools or floats;
     flags are bools); a bad one raises ConfigError naming it.
+
+    vLLM's other engine arguments (enforce_eager, tensor_parallel_size, quantization, ...) are
+    keyword-only fields from VllmCompatArgs: see loraplex.vllm_compat for what each does.
     """
 
     model: str | None = None
@@ -66,6 +78,8 @@ class EngineArgs:
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None  # None: as many as max_loras
     lora_dtype: str = "auto"
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
 
     def __post_init__(self) -> None:
         self.model = _path_name("model", self.model)
@@ -87,8 +101,9 @@ class EngineArgs:
                 or not 0.0 < self.gpu_memory_utilization <= 1.0:  # NaN fails the comparison too
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1] (a fraction of the GPU's memory); got {self.gpu_memory_utilization!r}")
         self.gpu_memory_utilization = float(self.gpu_memory_utilization)
-        if not isinstance(self.enable_lora, bool):
-            raise ConfigError(f"enable_lora must be True or False; got {self.enable_lora!r}")
+        for flag in ("enable_lora", "enable_prefix_caching", "enable_chunked_prefill"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag} must be True or False; got {getattr(self, flag)!r}")
         self.max_lora_rank = _integer("max_lora_rank", self.max_lora_rank, 1, MAX_LORA_RANK,
                                       f"an integer in [1, {MAX_LORA_RANK}] (vLLM offers up to 512; above "
                                       f"{MAX_LORA_RANK} an adapter is no smaller than the layer it adapts)")
@@ -102,6 +117,7 @@ class EngineArgs:
         self.max_cpu_loras = _positive("max_cpu_loras", self.max_cpu_loras, optional=True)
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ConfigError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        check_vllm_args(self)
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

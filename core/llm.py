@@ -15,6 +15,7 @@ from .errors import InvalidRequestError
 from .outputs import RequestOutput
 from .sampling_params import RequestOutputKind, SamplingParams
 from .tokenizer import apply_chat_template
+from .vllm_compat import unknown_argument_error
 
 Conversation = list[dict[str, Any]]
 
@@ -27,6 +28,10 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        options = {field.name for field in dataclasses.fields(EngineArgs) if field.init}
+        for name in kwargs:
+            if name not in options:
+                raise unknown_argument_error("LLM()", name, options)
         self.llm_engine = LLMEngine.from_engine_args(EngineArgs(model=model, **kwargs))
         self._counter = itertools.count()
 

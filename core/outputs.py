@@ -15,6 +15,9 @@ class Logprob:
 
 # One dict per generated token: token id -> its Logprob (the top-k plus the sampled token).
 SampleLogprobs = list[dict[int, Logprob]]
+# One per prompt token: None for the first (nothing predicts it), then token id -> its Logprob
+# (the top-k plus the prompt's own token), as vLLM's.
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
@@ -53,6 +56,7 @@ class RequestOutput:
     finished: bool
     lora_request: Any = None
     metrics: dict[str, float] = field(default_factory=dict)
+    prompt_logprobs: PromptLogprobs | None = None
 
     def add(self, next_output: RequestOutput, aggregate: bool) -> None:
         """Merge a later output of the same request into this one (vLLM's method).
@@ -63,6 +67,8 @@ class RequestOutput:
         """
         self.finished |= next_output.finished
         self.metrics = next_output.metrics
+        if next_output.prompt_logprobs is not None:  # a DELTA request sends them once
+            self.prompt_logprobs = next_output.prompt_logprobs
         by_index = {completion.index: i for i, completion in enumerate(self.outputs)}
         for later in next_output.outputs:
             i = by_index.get(later.index)

@@ -22,6 +22,8 @@ fails to import or to register (by raising, or by calling `sys.exit()`) is repor
 warning naming the plugin, its package and the reason), whatever it registered before failing
 is undone, and the others still load.
 `load_plugins(strict=True)` or `LORAPLEX_PLUGINS_STRICT=1` makes any failure a `PluginError`.
+What a plugin's package logs while it loads (INFO and up) is kept in its report: a plugin that
+loaded but registered no resolver says why there.
 
 `load_plugins()` runs once per process (later calls return the first call's report); the
 engine calls it when it starts with LoRA enabled. `loraplex plugins` prints the report.
@@ -31,6 +33,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -49,6 +53,7 @@ __all__ = [
     "hookspec",
     "list_plugins",
     "load_plugins",
+    "plugin_failures",
     "plugin_manager",
     "render_plugins",
 ]
@@ -83,6 +88,9 @@ class PluginStatus:
     resolvers_registered: list[str] = field(default_factory=list)
     not_allowed_reason: str | None = None  # why VLLM_PLUGINS leaves it out
     entry_point: str = ""  # what it loads, e.g. "my_package.plugin:register"
+    # what its package logged (INFO and up) while it imported and registered: says why a plugin
+    # that loaded registered no resolver ("... is not set: not registered")
+    log: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,13 +151,16 @@ def _reset_for_tests() -> None:
 
 
 def render_plugins(statuses: list[PluginStatus], as_json: bool = False) -> str:
-    """The report `loraplex plugins` prints: a table, or JSON (`{"vllm_plugins", "plugins", "resolvers"}`)."""
+    """The report `loraplex plugins` prints: a table, or JSON (`{"vllm_plugins", "plugins", "resolvers",
+    "failed"}`, "failed" naming what strict mode refuses)."""
     selection = envs.plugins_selection()
     resolvers = list(LoRAResolverRegistry.get_supported_resolvers())
     if as_json:
         import json
 
-        return json.dumps({"vllm_plugins": selection, "plugins": [s.to_dict() for s in statuses], "resolvers": resolvers}, indent=2)
+        failed = [s.name for s in plugin_failures(statuses)]
+        return json.dumps({"vllm_plugins": selection, "plugins": [s.to_dict() for s in statuses], "resolvers": resolvers,
+                           "failed": failed}, indent=2)
     header = ("NAME", "PACKAGE", "VERSION", "ALLOWED", "RESOLVERS", "STATUS")
     rows = [
         (
@@ -158,7 +169,7 @@ def render_plugins(statuses: list[PluginStatus], as_json: bool = False) -> str:
             s.version or "-",
             "yes" if s.allowed else f"no: {s.not_allowed_reason}",
             ", ".join(s.resolvers_registered) or "-",
-            "loaded" if s.loaded else (f"failed: {s.error}" if s.error else "not loaded"),
+            _status_cell(s),
         )
         for s in statuses
     ]
@@ -169,6 +180,17 @@ def render_plugins(statuses: list[PluginStatus], as_json: bool = False) -> str:
     vllm_plugins = "unset (all installed plugins load)" if selection is None else (",".join(selection) or "empty (no plugins load)")
     lines += ["", f"VLLM_PLUGINS: {vllm_plugins}", f"LoRA resolvers, in the order they are asked: {', '.join(resolvers) or 'none'}"]
     return "\n".join(lines)
+
+
+def _status_cell(status: PluginStatus) -> str:
+    if status.error:
+        return f"failed: {status.error}"
+    if not status.loaded:
+        return "not loaded"
+    if status.resolvers_registered:
+        return "loaded"
+    # loaded but registered nothing: its own words say why
+    return "loaded, registered no resolver" + (f": {status.log[-1]}" if status.log else " (it logged no reason)")
 
 
 # ---- loading ----------------------------------------------------------------------------------
@@ -237,6 +259,12 @@ def _unknown_statuses(selection: list[str] | None, installed: list[str]) -> list
 
 
 def _load_one(ep: EntryPoint, status: PluginStatus, registry: _LoRAResolverRegistry) -> None:
+    with _captured_log(ep.module.partition(".")[0]) as lines:
+        _import_and_register(ep, status, registry)
+    status.log = lines
+
+
+def _import_and_register(ep: EntryPoint, status: PluginStatus, registry: _LoRAResolverRegistry) -> None:
     try:
         target = ep.load()
     except BaseException as exc:  # noqa: BLE001 - any import failure is this plugin's alone
@@ -281,6 +309,36 @@ def _register(name: str, target: Any, registry: _LoRAResolverRegistry) -> None:
         )
 
 
+@contextmanager
+def _captured_log(package: str) -> Iterator[list[str]]:
+    """The lines `package`'s loggers write (INFO and up) inside the block.
+
+    Plugins say why they register nothing at INFO, below most configured levels: the package's
+    logger is lowered to INFO meanwhile, and what the application would not have shown is kept
+    from its handlers (the rest goes on to them as before)."""
+    lines: list[str] = []
+    log = logging.getLogger(package)
+    shown_from = log.getEffectiveLevel()
+    level, propagate = log.level, log.propagate
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(f"{record.levelname}: {record.getMessage()}")
+            if propagate and record.levelno >= shown_from and log.parent is not None:
+                log.parent.handle(record)  # on to the application's handlers, as without the capture
+
+    handler = Capture(logging.INFO)
+    log.addHandler(handler)
+    log.setLevel(min(shown_from, logging.INFO))
+    log.propagate = False
+    try:
+        yield lines
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
+
+
 class _HookFunction:
     """A @hookimpl function that an entry point names directly, as a plugin object pluggy can scan."""
 
@@ -315,8 +373,14 @@ def _fail(status: PluginStatus, reason: str) -> None:
     )
 
 
+def plugin_failures(statuses: list[PluginStatus]) -> list[PluginStatus]:
+    """The plugins strict mode refuses: allowed ones that failed, and names VLLM_PLUGINS asks for
+    that are not installed."""
+    return [s for s in statuses if s.allowed and s.error]
+
+
 def _raise_on_failures(statuses: list[PluginStatus]) -> None:
-    failed = [s for s in statuses if s.allowed and s.error]
+    failed = plugin_failures(statuses)
     if failed:
         lines = "; ".join(f"{s.name!r} ({s.package or 'no package'}): {s.error}" for s in failed)
         raise PluginError(

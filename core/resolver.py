@@ -52,10 +52,14 @@ class LoRAResolver(ABC):
 
 
 class _LoRAResolverRegistry:
-    """Resolvers by name, in registration order (which is the order they are asked)."""
+    """Resolvers by name, in registration order (which is the order they are asked).
+
+    `resolvers` is the dict of name -> resolver, as in vLLM; prefer the methods, which check
+    what is registered and are safe from several threads.
+    """
 
     def __init__(self) -> None:
-        self._resolvers: dict[str, LoRAResolver] = {}
+        self.resolvers: dict[str, LoRAResolver] = {}
         self._lock = threading.RLock()
 
     def register_resolver(self, resolver_name: str, resolver: LoRAResolver) -> None:
@@ -73,44 +77,47 @@ class _LoRAResolverRegistry:
                 "subclass loraplex.lora.resolver.LoRAResolver and pass an instance"
             )
         with self._lock:
-            old = self._resolvers.get(resolver_name)
+            old = self.resolvers.get(resolver_name)
             if old is not None and old is not resolver:
+                # vLLM's wording, then which resolver it was
                 logger.warning(
-                    "LoRA resolver %r is already registered (%r) and is replaced by %r", resolver_name, old, resolver
+                    "LoRA resolver %s is already registered, and will be overwritten by the new resolver instance "
+                    "%r (it was %r; it keeps its place in the order)", resolver_name, resolver, old
                 )
-            self._resolvers[resolver_name] = resolver
+            self.resolvers[resolver_name] = resolver
 
     def unregister_resolver(self, resolver_name: str) -> None:
-        """Remove a resolver; KeyError (naming the registered ones) if there is none by that name."""
+        """Remove a resolver; KeyError (as get_resolver's) if there is none by that name."""
         with self._lock:
-            if resolver_name not in self._resolvers:
+            if resolver_name not in self.resolvers:
                 raise KeyError(self._missing(resolver_name))
-            del self._resolvers[resolver_name]
+            del self.resolvers[resolver_name]
 
     def get_resolver(self, resolver_name: str) -> LoRAResolver:
+        """The resolver registered as `resolver_name`; KeyError naming the registered ones if none."""
         with self._lock:
             try:
-                return self._resolvers[resolver_name]
+                return self.resolvers[resolver_name]
             except KeyError:
                 raise KeyError(self._missing(resolver_name)) from None
 
     def get_supported_resolvers(self) -> Sequence[str]:
         """Registered names in registration order, the order in which they are asked."""
         with self._lock:
-            return list(self._resolvers)
+            return list(self.resolvers)
 
     def items(self) -> list[tuple[str, LoRAResolver]]:
         """(name, resolver) pairs in registration order: a snapshot, safe to iterate."""
         with self._lock:
-            return list(self._resolvers.items())
+            return list(self.resolvers.items())
 
     def clear(self) -> None:
         """Forget every resolver (for tests)."""
         with self._lock:
-            self._resolvers.clear()
+            self.resolvers.clear()
 
     def __contains__(self, resolver_name: object) -> bool:
-        return resolver_name in self._resolvers
+        return resolver_name in self.resolvers
 
     def __repr__(self) -> str:
         return f"LoRAResolverRegistry({self.get_supported_resolvers()!r})"
@@ -118,17 +125,18 @@ class _LoRAResolverRegistry:
     # Used by the plugin loader to undo what a plugin registered before it failed.
     def _snapshot(self) -> dict[str, LoRAResolver]:
         with self._lock:
-            return dict(self._resolvers)
+            return dict(self.resolvers)
 
     def _restore(self, snapshot: dict[str, LoRAResolver]) -> None:
-        with self._lock:
-            self._resolvers = dict(snapshot)
+        with self._lock:  # in place: whoever holds `resolvers` sees the restored dict
+            self.resolvers.clear()
+            self.resolvers.update(snapshot)
 
     def _missing(self, resolver_name: str) -> str:
-        available = ", ".join(repr(n) for n in self._resolvers) or "none"
+        # vLLM's message first (code may match on it), then the fix
         return (
-            f"no LoRA resolver named {resolver_name!r} is registered (registered: {available}); install and enable "
-            "the plugin that provides it (see `loraplex plugins` and VLLM_PLUGINS)"
+            f"LoRA resolver {resolver_name!r} not found. Available resolvers: {list(self.resolvers)}. Install and "
+            "enable the plugin that provides it (see `loraplex plugins` and VLLM_PLUGINS)"
         )
 
 

@@ -115,7 +115,7 @@ def test_weights_rewritten_with_the_same_size_and_mtime_are_refused(served: Serv
         served.engine.add_request("changed", PROMPTS[0], greedy(4), lora_request=served.requests["A"])
     engine = served.engine
     assert "changed" not in engine.requests and not engine.has_unfinished_requests()
-    assert "A" in engine.lora_manager.registered and "A" not in engine.lora_manager.cpu_cache
+    assert "A" in engine.list_adapters() and "A" not in engine.lora_manager.cpu_cache
     served.run([None, "B"])  # everything else as before
     # the operator takes the new files: remove + add serves A2's weights under the name A
     assert engine.remove_lora("A") is True

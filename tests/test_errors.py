@@ -160,9 +160,10 @@ def test_max_model_len_above_max_position_embeddings_is_refused(tiny) -> None:
         _engine(tiny, max_model_len=300)
 
 
-def test_max_num_batched_tokens_below_max_model_len_is_refused(tiny) -> None:
+def test_max_num_batched_tokens_below_max_model_len_is_refused_without_chunked_prefill(tiny) -> None:
     with pytest.raises(ConfigError, match=r"max_num_batched_tokens \(32\) is smaller than max_model_len \(64\)"):
-        _engine(tiny, max_num_batched_tokens=32)
+        _engine(tiny, max_num_batched_tokens=32, enable_chunked_prefill=False)
+    assert _engine(tiny, max_num_batched_tokens=32).max_num_batched_tokens == 32  # chunked: allowed
 
 
 @pytest.mark.parametrize(

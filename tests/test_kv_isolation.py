@@ -61,6 +61,7 @@ class Served:
         for keys, values in self.engine.kv_cache.layers:
             keys.fill_(value)
             values.fill_(value)
+        self.engine.reset_prefix_cache()  # the cached blocks' K/V were just overwritten
 
     def cache_holds(self, value: float) -> bool:
         found = (lambda t: t.isnan().any()) if value != value else (lambda t: (t == value).any())

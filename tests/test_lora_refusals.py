@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import re
 import shutil
 from collections.abc import Callable
@@ -57,7 +58,7 @@ class Served:
         outputs = self.llm.generate(PROMPTS, greedy(4), use_tqdm=False, lora_request=loras)
         assert_matches_oracle(outputs, names, self.oracle, LOGPROB_ATOL["tiny"])
         manager = self.engine.lora_manager
-        assert set(manager.registered) == {GOOD}
+        assert set(self.engine.list_adapters()) == {GOOD}
         assert self.engine.list_loras() == {GOOD_ID}
         assert set(manager.slots) <= {GOOD, None}
         assert not any(manager.in_use.values())
@@ -303,14 +304,17 @@ def test_name_registered_again_with_another_path_is_refused(served) -> None:
     served.assert_still_serves()
 
 
-def test_same_int_id_for_two_names_is_refused(served) -> None:
-    twin = LoRARequest("twin-of-good", GOOD_ID, str(served.good_dir))
-    for attempt in (lambda: served.llm.generate(PROMPTS[0], greedy(4), use_tqdm=False, lora_request=twin),
-                    lambda: served.engine.add_lora(twin)):
-        with pytest.raises(InvalidLoRAAdapterError) as info:
-            attempt()
-        message = str(info.value)
-        assert "'twin-of-good'" in message and f"LoRA id {GOOD_ID}" in message and f"already used by adapter '{GOOD}'" in message
+def test_an_id_already_loaded_is_served_with_the_loaded_adapter(served, caplog) -> None:
+    """vLLM's rule: ids name adapters, so another name with GOOD's id is GOOD (and add_lora adds nothing)."""
+    twin = LoRARequest("twin-of-good", GOOD_ID, str(served.root / "elsewhere"))
+    with caplog.at_level(logging.INFO, logger="loraplex.lora.catalog"):
+        outputs = served.llm.generate(PROMPTS[:2], greedy(4), use_tqdm=False, lora_request=twin)
+        assert served.engine.add_lora(twin) is False
+    assert_matches_oracle(outputs, [GOOD, GOOD], served.oracle, LOGPROB_ATOL["tiny"])
+    assert all(out.lora_request.lora_name == GOOD for out in outputs)
+    told = [r.getMessage() for r in caplog.records if "twin-of-good" in r.getMessage()]
+    assert len(told) == 1 and f"served with '{GOOD}'" in told[0]  # once
+    assert set(served.engine.list_adapters()) == {GOOD}
     served.assert_still_serves()
 
 
@@ -341,7 +345,7 @@ def test_name_registered_again_with_another_base_model_is_refused(served) -> Non
                     lambda: served.engine.add_lora(other_base)):
         with pytest.raises(InvalidLoRAAdapterError, match=rf"LoRA adapter '{GOOD}' names base model 'meta-llama/Llama-3\.1-8B'"):
             attempt()
-    assert served.engine.lora_manager.registered[GOOD].base_model_name is None
+    assert served.engine.list_adapters()[GOOD].base_model_name is None
     # naming the served model is fine: the same adapter, already registered
     same_base = LoRARequest(GOOD, GOOD_ID, str(served.good_dir), base_model_name=served.path.name)
     assert served.engine.add_lora(same_base) is False

@@ -273,13 +273,19 @@ def test_after_an_invalid_find_the_next_resolver_is_asked(allowed) -> None:
     assert asyncio.run(resolution.resolve("a")).lora_path == "/p/good"
 
 
-def test_validate_may_replace_the_request_and_may_be_async(allowed) -> None:
+def test_validate_may_be_async(allowed) -> None:
+    seen = []
+
     async def validate(request):
         await asyncio.sleep(0)
-        return LoRARequest(request.lora_name, 7, request.lora_path)
+        seen.append(request.lora_path)
+        if request.lora_path == "/p/bad":
+            raise InvalidLoRAAdapterError("refused")
 
-    resolution, _ = make(DictResolver({"a": "/p/a"}), validate=validate)
-    assert asyncio.run(resolution.resolve("a")).lora_int_id == 7
+    resolution, _ = make(DictResolver({"a": "/p/bad"}), DictResolver({"a": "/p/a"}), validate=validate)
+    assert asyncio.run(resolution.resolve("a")).lora_path == "/p/a"
+    assert seen == ["/p/bad", "/p/a"]
+    assert resolution.outcome_counts == {("r0", "invalid"): 1, ("r1", "found"): 1}
 
 
 # ---- the engine ---------------------------------------------------------------------------------------------
@@ -347,7 +353,7 @@ def test_an_invalid_adapter_from_a_resolver_fails_that_request_only(tiny_lora, i
     with pytest.raises(InvalidLoRAAdapterError, match=r"'misshapen'.*'dict': invalid.*shapes"):
         llm.generate(PROMPT, GREEDY, use_tqdm=False, lora_request="misshapen")
     assert llm.generate(PROMPT, GREEDY, use_tqdm=False, lora_request="good")[0].finished
-    assert set(llm.llm_engine.lora_manager.registered) == {"good"}
+    assert set(llm.llm_engine.list_adapters()) == {"good"}
 
 
 def test_async_resolve_lora_and_id_collisions(tiny_lora, isolated_registry, allowed) -> None:
@@ -400,14 +406,12 @@ HOSTILE_HUB_IDS = ["org/repo/../../x", "org/repo/..", "org/repo//x", "org/../x",
 def test_a_hub_id_that_could_leave_the_cache_is_refused_before_any_download(name, monkeypatch) -> None:
     import huggingface_hub
 
-    from loraplex.lora.resolve import download_adapter, lora_request_from
+    from loraplex.lora.hub import download_adapter
 
     downloads = []
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *args, **kwargs: downloads.append(args) or "/nowhere")
     with pytest.raises(LoRAAdapterNotFoundError, match=r"is neither a local directory nor an added adapter's name nor a Hub"):
         download_adapter(name)
-    with pytest.raises(LoRAAdapterNotFoundError):
-        lora_request_from(name, {})
     assert downloads == []
     assert download_adapter("org/repo/sub") == "/nowhere/sub"  # a plain id is downloaded
     assert downloads == [("org/repo",)]
@@ -427,7 +431,7 @@ def test_a_hub_adapter_directory_linking_out_of_the_snapshot_is_refused(tmp_path
     for directory in (snapshot / "good", tmp_path / "outside"):
         (directory / "adapter_config.json").write_text("{}")
     (snapshot / "sub").symlink_to(tmp_path / "outside", target_is_directory=True)
-    code = ("from loraplex.lora.resolve import download_adapter\n"
+    code = ("from loraplex.lora.hub import download_adapter\n"
             "print(download_adapter('org/repo/good'))\n"
             "try:\n    download_adapter('org/repo/sub')\n"
             "except Exception as exc:\n    print(type(exc).__name__, exc)\n")

@@ -159,7 +159,7 @@ def test_preempted_lora_sequences_are_recomputed_with_their_adapter(tiny, adapte
         running = [s for s in engine.scheduler.running if s.lora_name]
         for name in {s.lora_name for s in running}:
             assert manager.in_use[name] == sum(s.lora_name == name for s in running)
-        assert not any(manager.in_use[n] for n in manager.registered if n not in {s.lora_name for s in running})
+        assert not any(manager.in_use[n] for n in engine.list_adapters() if n not in {s.lora_name for s in running})
 
     finished = step_until_done(engine, on_step=check)
     assert engine.scheduler.num_preemptions > 0

@@ -212,7 +212,7 @@ def test_loraplex_plugins_lists_everything_installed(plugin_site) -> None:
     beta = next(p for p in report["plugins"] if p["name"] == "beta")
     assert beta == {"name": "beta", "package": "loraplex-test-plugin-beta", "version": "0.1.0", "allowed": True, "loaded": True,
                     "error": None, "resolvers_registered": ["beta_resolver"], "not_allowed_reason": None,
-                    "entry_point": "lp_test_beta:register_beta_resolver"}
+                    "entry_point": "lp_test_beta:register_beta_resolver", "log": []}
 
 
 # ---- in process: what an entry point may load to --------------------------------------------------------
@@ -262,3 +262,54 @@ def test_entry_points_that_cannot_register_are_refused_clearly(fresh_plugins) ->
     module.register_lora_resolver = register_lora_resolver
     with pytest.raises(TypeError, match="unknown hook.*register_lora_resolver.*register_lora_resolvers"):
         plugins._register("typo", module, registry)
+
+
+# ---- the whole truth: strict exit status, why a plugin registered nothing, JSON for CI -----------------------
+
+
+def test_loraplex_plugins_strict_exits_non_zero_on_a_failure_or_a_missing_name(plugin_site) -> None:
+    cli = ("-m", "loraplex.cli", "plugins")
+    result = run_loraplex(plugin_site, {"VLLM_PLUGINS": "alpha,nope"}, *cli, "--strict")
+    assert result.returncode == 1
+    assert "strict mode: 1 plugin(s) failed or are not installed: nope" in result.stderr
+    assert "failed: not installed" in result.stdout  # the report is printed all the same
+    result = run_loraplex(plugin_site, {"VLLM_PLUGINS": "alpha,broken_register", "LORAPLEX_PLUGINS_STRICT": "1"}, *cli)
+    assert result.returncode == 1 and "broken_register" in result.stderr
+    result = run_loraplex(plugin_site, {"VLLM_PLUGINS": "alpha,broken_register"}, *cli, "--json", "--strict")
+    assert result.returncode == 1 and json.loads(result.stdout)["failed"] == ["broken_register"]
+    result = run_loraplex(plugin_site, {"VLLM_PLUGINS": "alpha,beta"}, *cli, "--strict")
+    assert result.returncode == 0, result.stderr
+    result = run_loraplex(plugin_site, {"VLLM_PLUGINS": "alpha,nope"}, *cli)  # not strict: a report, exit 0
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_plugin_that_registered_nothing_says_why(plugin_site) -> None:
+    """The project's Hub resolver (installed in this environment) is opt-in: left out of VLLM_PLUGINS
+    it loads, registers nothing, and logs why at INFO, which the report keeps."""
+    env = {"VLLM_PLUGINS": None, "VLLM_LORA_RESOLVER_CACHE_DIR": None}
+    result = run_loraplex(plugin_site, env, "-m", "loraplex.cli", "plugins", "--json")
+    assert result.returncode == 0, result.stderr
+    report = {p["name"]: p for p in json.loads(result.stdout)["plugins"]}
+    hub = report["lora_hf_hub_resolver"]
+    assert (hub["loaded"], hub["resolvers_registered"]) == (True, [])
+    assert any("opt-in and is not registered; name it in VLLM_PLUGINS" in line for line in hub["log"]), hub["log"]
+    assert report["alpha"]["log"] == [] and report["alpha"]["resolvers_registered"] == ["alpha_resolver"]
+    assert "opt-in" not in result.stderr  # kept in the report, not added to what the application shows
+
+    result = run_loraplex(plugin_site, env, "-m", "loraplex.cli", "plugins")
+    hub_line = next(line for line in result.stdout.splitlines() if line.startswith("lora_hf_hub_resolver "))
+    assert "loaded, registered no resolver: INFO: lora_hf_hub_resolver: the Hugging Face Hub LoRA resolver is opt-in" in hub_line
+    fs_line = next(line for line in result.stdout.splitlines() if line.startswith("lora_filesystem_resolver "))
+    assert "registered no resolver: INFO: lora_filesystem_resolver: VLLM_LORA_RESOLVER_CACHE_DIR is not set" in fs_line
+
+
+def test_captured_log_lines_still_reach_the_application_at_its_level(caplog) -> None:
+    import logging
+
+    logger = logging.getLogger("lp_capture_probe.plugin")
+    with caplog.at_level(logging.WARNING), plugins._captured_log("lp_capture_probe") as lines:
+        logger.info("not configured: registering nothing")
+        logger.warning("a setting looks odd")
+    assert lines == ["INFO: not configured: registering nothing", "WARNING: a setting looks odd"]
+    assert [r.getMessage() for r in caplog.records] == ["a setting looks odd"]
+    assert logging.getLogger("lp_capture_probe").propagate and not logging.getLogger("lp_capture_probe").handlers

@@ -112,7 +112,7 @@ class ServedEngine:
         scheduler = engine.scheduler
         manager = engine.lora_manager
         return (engine.get_num_unfinished_requests(), len(scheduler.waiting), len(scheduler.running),
-                scheduler.pool.num_free, sorted(manager.registered), dict(manager.in_use),
+                scheduler.pool.num_free, sorted(engine.list_adapters()), dict(manager.in_use),
                 {name: stats.requests for name, stats in manager.stats.items()})
 
     def assert_still_serves(self) -> None:

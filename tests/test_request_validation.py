@@ -47,6 +47,18 @@ BAD_SAMPLING = [
     ("logprobs", 21), ("logprobs", -1), ("logprobs", 1.5), ("logprobs", True),
     ("ignore_eos", "yes"), ("ignore_eos", 1), ("ignore_eos", None),
     ("include_stop_str_in_output", 1), ("skip_special_tokens", "false"), ("spaces_between_special_tokens", 0),
+    ("presence_penalty", 2.5), ("presence_penalty", -2.1), ("presence_penalty", math.nan), ("presence_penalty", "1"),
+    ("frequency_penalty", 3), ("frequency_penalty", None), ("frequency_penalty", True),
+    ("repetition_penalty", 0.0), ("repetition_penalty", -1.0), ("repetition_penalty", math.inf),
+    ("repetition_penalty", None),
+    ("logit_bias", {1: 101}), ("logit_bias", {1: -100.5}), ("logit_bias", {"1": 5}), ("logit_bias", {-1: 5}),
+    ("logit_bias", {1: math.nan}), ("logit_bias", {True: 1}), ("logit_bias", [(1, 5)]),
+    ("bad_words", "word"), ("bad_words", [""]), ("bad_words", ["  "]), ("bad_words", [5]),
+    ("allowed_token_ids", []), ("allowed_token_ids", [-1]), ("allowed_token_ids", ["3"]), ("allowed_token_ids", 3),
+    ("prompt_logprobs", 21), ("prompt_logprobs", -1), ("prompt_logprobs", 1.0), ("prompt_logprobs", False),
+    ("detokenize", 0), ("detokenize", None),
+    ("logits_processors", print), ("logits_processors", [5]), ("logits_processors", [lambda logits: logits]),
+    ("logits_processors", [lambda a, b, c, d: d]),
 ]
 
 
@@ -160,7 +172,7 @@ def snapshot(engine: LLMEngine) -> dict:
         "next_seq_id": repr(engine._seq_ids),  # itertools.count shows its next value without advancing
     }
     if manager is not None:
-        state.update(adapters=dict(manager.registered), cpu_cache=list(manager.cpu_cache), slots=list(manager.slots),
+        state.update(adapters=engine.list_adapters(), cpu_cache=list(manager.cpu_cache), slots=list(manager.slots),
                      in_use=dict(manager.in_use), stats={name: vars(s).copy() for name, s in manager.stats.items()})
     return state
 

@@ -67,22 +67,39 @@ def test_a_duplicate_name_replaces_the_old_one_in_place_with_a_warning(caplog) -
         registry.register_resolver("s3", new)
     assert registry.get_resolver("s3") is new
     assert list(registry.get_supported_resolvers()) == ["s3", "fs"]
-    assert "'s3' is already registered" in caplog.text
+    # vLLM's wording, then which resolver was replaced
+    assert "LoRA resolver s3 is already registered, and will be overwritten by the new resolver instance" in caplog.text
+    assert repr(old) in caplog.text
     caplog.clear()
     registry.register_resolver("s3", new)  # the same object again: nothing to warn about
     assert caplog.text == ""
 
 
-def test_get_resolver_names_the_available_ones() -> None:
+def test_a_missing_resolver_is_vllms_key_error_then_the_fix() -> None:
     registry = _LoRAResolverRegistry()
     registry.register_resolver("fs", DictResolver())
     registry.register_resolver("s3", DictResolver())
-    with pytest.raises(KeyError, match=r"'hub'.*registered: 'fs', 's3'"):
+    vllm_text = r"LoRA resolver 'hub' not found\. Available resolvers: \['fs', 's3'\]\. Install and enable the plugin"
+    with pytest.raises(KeyError, match=vllm_text):
         registry.get_resolver("hub")
-    with pytest.raises(KeyError, match=r"'hub'.*registered: 'fs', 's3'"):
+    with pytest.raises(KeyError, match=vllm_text):
         registry.unregister_resolver("hub")
-    with pytest.raises(KeyError, match="registered: none"):
+    with pytest.raises(KeyError, match=r"'fs' not found\. Available resolvers: \[\]"):
         _LoRAResolverRegistry().get_resolver("fs")
+
+
+def test_resolvers_is_vllms_dict_of_name_to_resolver() -> None:
+    registry = _LoRAResolverRegistry()
+    a, b = DictResolver(), DictResolver()
+    registry.register_resolver("a", a)
+    registry.register_resolver("b", b)
+    assert registry.resolvers == {"a": a, "b": b}
+    held = registry.resolvers
+    snapshot = registry._snapshot()
+    registry.unregister_resolver("a")
+    assert held == {"b": b}  # the same dict, kept current
+    registry._restore(snapshot)  # as the plugin loader undoes a failed plugin
+    assert held is registry.resolvers and held == {"a": a, "b": b}
 
 
 def test_only_lora_resolvers_can_be_registered() -> None:

@@ -227,7 +227,8 @@ def _record_batches(engine) -> list:
 
 
 def test_engine_respects_max_num_seqs_and_max_num_batched_tokens(tiny) -> None:
-    engine = tiny.engine("llama", max_num_seqs=3, max_num_batched_tokens=300, max_model_len=256)
+    engine = tiny.engine("llama", max_num_seqs=3, max_num_batched_tokens=300, max_model_len=256,
+                         enable_chunked_prefill=False)  # whole prompts (chunks: test_chunked_prefill)
     batches = _record_batches(engine)
     prompts = [list(range(100 + i, 200 + 11 * i)) for i in range(6)]  # 100 to 150 tokens
     params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=4)

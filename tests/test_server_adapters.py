@@ -129,8 +129,10 @@ def test_load_serve_and_unload(server, adapters, tiny) -> None:
 def test_unload_by_id_and_ids_stay_unique(server, adapters) -> None:
     for name in ("x", "y"):
         assert load(server, lora_name=name, lora_path=str(adapters.paths[name])).status_code == 200
-    ids = asyncio.run(server.app.state.engine.list_loras())
-    assert len(ids) == len(STARTED) + 2
+    added = asyncio.run(server.app.state.engine.list_adapters())
+    ids = [request.lora_int_id for request in added.values()]
+    assert len(added) == len(STARTED) + 2 and len(set(ids)) == len(ids)
+    assert added["y"].lora_int_id == max(ids)
     response = unload(server, lora_int_id=max(ids))
     assert response.status_code == 200 and response.text == "Success: LoRA adapter 'y' removed successfully."
     assert unload(server, lora_name="x").status_code == 200

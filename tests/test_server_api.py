@@ -296,7 +296,7 @@ BAD_REQUESTS = [
     ("top_logprobs without logprobs", "POST", "/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}, 400,
      ["top_logprobs needs logprobs"]),
     ("n zero", "POST", "/v1/completions", {"prompt": "x", "n": 0}, 400, ["n must be"]),
-    ("penalty", "POST", "/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, ["presence_penalty", "not supported"]),
+    ("penalty out of range", "POST", "/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, 400, ["presence_penalty"]),
     ("token id outside the vocabulary", "POST", "/v1/completions", {"prompt": [10**8]}, 400, ["vocabulary"]),
     ("unknown model", "POST", "/v1/completions", {"model": "nope", "prompt": "x"}, 404, ["`nope` does not exist"]),
     ("parent path", "POST", "/v1/completions", {"model": "../x", "prompt": "x"}, 404, ["`../x` does not exist"]),

@@ -175,7 +175,8 @@ def test_engine_state_is_read_at_scrape_time(tiny_lora, engines) -> None:
         await anext(base)
         lora = engine.generate(PROMPTS[1], greedy(None), "lora", ada)
         first_lora = asyncio.ensure_future(anext(lora))
-        await asyncio.sleep(0)  # the generator submits its request
+        while "lora" not in engine.engine.requests:  # the adapter is read off the engine thread, then submitted
+            await asyncio.sleep(0.001)
         await idle(engine)
         before = time.time()
         waiting = scrape(metrics)

@@ -91,12 +91,21 @@ class TestDirectoryResolverConformance(ResolverConformance):
         return DirectoryResolver(tmp_path / "adapters")
 
     @pytest.fixture
+    def publish_adapter(self, tmp_path):
+        return lambda lora_name, adapter_dir: publish_into(tmp_path / "adapters", lora_name, adapter_dir)
+
+    @pytest.fixture
     def base_model_name(self, base_model_path):
         return str(base_model_path)
 
     @pytest.fixture
     def known_lora_name(self):
         return "my-adapter"
+
+
+def publish_into(root: Path, lora_name: str, adapter_dir: Path) -> None:
+    shutil.rmtree(root / lora_name, ignore_errors=True)
+    shutil.copytree(adapter_dir, root / lora_name)
 
 
 # ---- ... which catches broken resolvers ---------------------------------------------------------------------
@@ -160,45 +169,126 @@ def test_the_suite_catches_broken_resolvers(tmp_path, tiny_lora) -> None:
         Strict().test_resolve_does_not_block_the_event_loop(Blocking(root), base, "my-adapter", "nothing-here")
 
 
-# ---- the complete example of docs/writing-a-resolver.md passes the suite ---------------------------------------
-
-GUIDE = Path(__file__).resolve().parents[1] / "docs" / "writing-a-resolver.md"
+# ---- ... and resolvers that keep copies badly ---------------------------------------------------------------
 
 
-def guide_code_block(after: str) -> str:
-    text = GUIDE.read_text()
-    start = text.index("```python\n", text.index(after)) + len("```python\n")
-    return text[start:text.index("```", start)]
+class CopiesWithoutChecking(LoRAResolver):
+    """Copies <source>/<name> into its cache under the real name, unchecked, and serves that copy
+    from then on: the trap of a cache filled before validation."""
+
+    def __init__(self, source: Path, cache: Path) -> None:
+        self.source, self.cache = source, cache
+
+    async def resolve_lora(self, base_model_name, lora_name):
+        target = self.cache / lora_name
+        if not target.is_dir():
+            if not (self.source / lora_name).is_dir():
+                return None
+            shutil.copytree(self.source / lora_name, target)
+        return LoRARequest(lora_name=lora_name, lora_path=str(target), lora_int_id=1)
 
 
-def guide_zip_resolver():
+class ChecksThenCopies(CopiesWithoutChecking):
+    """Copies only what looks like an adapter, but never fetches a name again (keeps the first copy)."""
+
+    async def resolve_lora(self, base_model_name, lora_name):
+        config = self.source / lora_name / "adapter_config.json"
+        if not (self.cache / lora_name).is_dir():
+            try:
+                json.loads(config.read_text())
+            except (OSError, ValueError):
+                return None
+            if not (config.parent / "adapter_model.safetensors").is_file():
+                return None
+        return await super().resolve_lora(base_model_name, lora_name)
+
+
+def test_the_suite_catches_a_broken_adapter_kept_under_the_real_name(tmp_path, base_model_path, lora_adapter_dir,
+                                                                      other_lora_adapter_dir) -> None:
+    from loraplex.testing.conformance import _engine
+
+    suite, source, base = ResolverConformance(), tmp_path / "source", str(base_model_path)
+    engines = {}
+
+    def engine_for(name):
+        return engines.setdefault(name, _engine(base_model_path, name))
+
+    def publish(lora_name, adapter_dir):
+        publish_into(source, lora_name, adapter_dir)
+
+    for breakage in ("config-not-json", "no-weights"):
+        resolver = CopiesWithoutChecking(source, tmp_path / f"cache-{breakage}")
+        with pytest.MonkeyPatch.context() as monkeypatch, pytest.raises(pytest.fail.Exception, match=(
+                rf"the source was fixed after holding a broken adapter \({breakage}\), but 'fresh' still fails: .*"
+                "must never keep a broken one under the adapter's name")):
+            suite.test_a_broken_adapter_fails_clearly_and_its_fix_is_served(
+                resolver, base, "fresh", publish, lora_adapter_dir, engine_for, _Factory(tmp_path / breakage), monkeypatch,
+                breakage)
+
+    checked = ChecksThenCopies(source, tmp_path / "cache-checked")
+    with pytest.MonkeyPatch.context() as monkeypatch:  # checking first passes the broken-adapter check...
+        suite.test_a_broken_adapter_fails_clearly_and_its_fix_is_served(
+            checked, base, "fixed", publish, lora_adapter_dir, engine_for, _Factory(tmp_path / "f"), monkeypatch, "no-weights")
+    # ... but a resolver that keeps its first copy must say so (serves_replaced_adapters = False)
+    with pytest.raises(AssertionError, match="does not hold the replacement"):
+        suite.test_a_replaced_adapter_is_served_as_documented(checked, base, "replaced", publish, lora_adapter_dir,
+                                                              other_lora_adapter_dir)
+
+    class KeepsFirstCopy(ResolverConformance):
+        serves_replaced_adapters = False
+
+    KeepsFirstCopy().test_a_replaced_adapter_is_served_as_documented(
+        ChecksThenCopies(source, tmp_path / "cache-2"), base, "replaced-2", publish, lora_adapter_dir, other_lora_adapter_dir)
+
+
+class _Factory:
+    """A stand-in for pytest's tmp_path_factory when a check is called directly."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def mktemp(self, name: str) -> Path:
+        path = self.root / name
+        path.mkdir(parents=True)
+        return path
+
+
+# ---- the fixtures work outside the mixin, in any project that installs loraplex --------------------------------
+
+
+def test_the_fixtures_are_there_for_module_level_tests(base_model_path, lora_adapter_dir, other_lora_adapter_dir) -> None:
+    assert json.loads((lora_adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_model_path)
+    weights = "adapter_model.safetensors"
+    assert (lora_adapter_dir / weights).read_bytes() != (other_lora_adapter_dir / weights).read_bytes()
+
+
+AUTHOR_TEST = """
+import json
+
+from loraplex.testing import ResolverConformance
+
+
+def test_a_module_level_test_gets_the_kit_fixtures(base_model_path, lora_adapter_dir):
+    config = json.loads((lora_adapter_dir / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base_model_path)
+
+
+class TestNothingElse:
+    def test_the_mixin_imports(self):
+        assert ResolverConformance.serves_replaced_adapters is True
+"""
+
+
+def test_an_author_project_gets_the_fixtures_from_the_installed_plugin(tmp_path) -> None:
+    """A project outside this repository (no conftest.py of ours): the fixtures come through the
+    `pytest11` entry point of the installed loraplex."""
+    import subprocess
     import sys
-    import types
 
-    module = types.ModuleType("guide_zip_resolver")
-    sys.modules[module.__name__] = module  # for dataclasses / pickling, as a real import would
-    exec(compile(guide_code_block("`src/loraplex_resolver_zip/resolver.py`:"), str(GUIDE), "exec"), module.__dict__)
-    return module.ZipResolver
-
-
-class TestGuideExampleConformance(ResolverConformance):
-    @pytest.fixture
-    def resolver(self, tmp_path, lora_adapter_dir):
-        shutil.make_archive(str(tmp_path / "archives" / "my-adapter"), "zip", lora_adapter_dir)
-        return guide_zip_resolver()(tmp_path / "archives", tmp_path / "cache")
-
-    @pytest.fixture
-    def base_model_name(self, base_model_path):
-        return str(base_model_path)
-
-    @pytest.fixture
-    def known_lora_name(self):
-        return "my-adapter"
-
-
-def test_the_guide_example_test_file_matches_this_one() -> None:
-    """The guide's test file is the fixture set above, with the package import instead of the guide's."""
-    test_file = guide_code_block("`tests/test_zip_resolver.py`")
-    assert "class TestZipResolver(ResolverConformance):" in test_file
-    assert 'shutil.make_archive(str(tmp_path / "archives" / "my-adapter"), "zip", lora_adapter_dir)' in test_file
-    assert 'return ZipResolver(tmp_path / "archives", tmp_path / "cache")' in test_file
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_author.py").write_text(AUTHOR_TEST)
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_DISABLE_PLUGIN_AUTOLOAD"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], cwd=tmp_path,
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout

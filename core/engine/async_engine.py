@@ -2,7 +2,9 @@
 
 One thread owns the LLMEngine: it steps while any request is unfinished and sleeps otherwise.
 Every other call reaches the engine as a command that the thread runs between two steps
-(add_request, abort, the adapter methods), so nothing changes the engine while it steps. Each
+(add_request, abort, the adapter methods), so nothing changes the engine while it steps. Adapters
+are read from disk and resolved off that thread (see loraplex.lora.catalog); the engine thread
+only hands what was read to the LoRA manager. Each
 request's outputs go to its own asyncio queue on the event loop of the caller reading them, so
 callers never wait on each other, and a request submitted meanwhile joins the next step:
 concurrent callers share batches.
@@ -20,7 +22,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ..config import EngineArgs
@@ -29,6 +31,7 @@ from ..lora.manager import AdapterStats
 from ..lora.request import LoRARequest
 from ..outputs import CompletionOutput, RequestOutput
 from ..sampling_params import RequestOutputKind, SamplingParams
+from .block_pool import PrefixCacheStats
 from .llm_engine import LLMEngine, PromptType
 
 logger = logging.getLogger(__name__)
@@ -56,6 +59,9 @@ class EngineStats:
     running_lora_adapters: list[str]  # adapters of the running sequences (sorted)
     waiting_lora_adapters: list[str]  # adapters of the waiting sequences (sorted)
     lora_stats: dict[str, AdapterStats]  # per adapter: requests, tokens, loads, cache hits, ... (copies)
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found cached (their K/V not computed again)
+    lora_prefix_cache: dict[str, PrefixCacheStats] = field(default_factory=dict)  # the same, per adapter (copies)
 
 
 class AsyncLLMEngine:
@@ -107,6 +113,8 @@ class AsyncLLMEngine:
         stream = _Stream(asyncio.get_running_loop())
         finished = False
         try:
+            if lora_request is not None:
+                lora_request = await self._prepare_lora(lora_request)
             await self._call(self._add_request, stream, request_id, prompt, params, lora_request)
             while not finished:
                 out = await stream.next()
@@ -123,20 +131,54 @@ class AsyncLLMEngine:
     # ---- adapters -------------------------------------------------------------------------------
 
     async def add_lora(self, lora_request: LoRARequest) -> bool:
-        return await self._call(self.engine.add_lora, lora_request)
+        """Add an adapter, checked off the engine thread first; with `load_inplace=True` for an added
+        name, return once the new weights serve (requests started on the old ones finish on them)."""
+        catalog = self.engine.lora_catalog
+        if catalog is not None and isinstance(lora_request, LoRARequest):
+            lora_request = await asyncio.to_thread(catalog.prepare, lora_request)
+        done = await self._call(self.engine._add_lora, lora_request)
+        return await asyncio.wrap_future(done)
 
     async def remove_lora(self, lora_id: int | str) -> bool:
         return await self._call(self.engine.remove_lora, lora_id)
 
+    async def pin_lora(self, lora_id: int | str) -> bool:
+        return await self._call(self.engine.pin_lora, lora_id)
+
     async def list_loras(self) -> set[int]:
+        """The ids of the adapters held in the CPU cache, as vLLM's (an evicted adapter drops out)."""
         return await self._call(self.engine.list_loras)
 
-    async def resolve_lora(self, lora_name: str) -> LoRARequest:
-        """The adapter named `lora_name`: one already added, else one the resolvers find.
+    async def list_adapters(self) -> dict[str, LoRARequest]:
+        """Every adapter added, by name."""
+        return self.engine.list_adapters()
 
-        Runs on the caller's event loop (resolvers may take seconds), not on the engine thread.
+    async def resolve_lora(self, lora_name: str) -> LoRARequest:
+        """The adapter named `lora_name`: one already added, else one the resolvers find (never a
+        path or a Hub id: HTTP's rule).
+
+        Resolvers run, and the adapter is read and checked, off the engine thread; the engine
+        thread then adds what was read, between two steps.
         """
-        return await self.engine.resolve_lora(lora_name)
+        catalog = self.engine._catalog()
+        found = await catalog.resolve(lora_name)
+        if catalog.get(found.lora_name) is found:
+            return found
+        return await self._call(catalog.register_found, found)
+
+    async def _prepare_lora(self, lora_request: LoRARequest | str) -> LoRARequest | str:
+        """What `generate` names, read and checked off the engine thread when it is new (the Python
+        API's rule: names, directories, resolvers, Hub ids)."""
+        catalog = self.engine.lora_catalog
+        if catalog is None:
+            return lora_request  # add_request says LoRA is off
+        if isinstance(lora_request, LoRARequest):
+            known = catalog.get(lora_request.lora_name)
+            if known is not None and known.lora_path == lora_request.lora_path:
+                return lora_request
+        elif isinstance(lora_request, str) and catalog.get(lora_request) is not None:
+            return lora_request
+        return await asyncio.to_thread(catalog.prepare, lora_request)
 
     # ---- state ----------------------------------------------------------------------------------
 
@@ -174,6 +216,9 @@ class AsyncLLMEngine:
             running_lora_adapters=sorted({seq.lora_name for seq in running if seq.lora_name is not None}),
             waiting_lora_adapters=sorted({seq.lora_name for seq in waiting if seq.lora_name is not None}),
             lora_stats={name: dataclasses.replace(s) for name, s in list(manager.stats.items())} if manager else {},
+            prefix_cache_queries=scheduler.prefix_cache.queries,
+            prefix_cache_hits=scheduler.prefix_cache.hits,
+            lora_prefix_cache={name: dataclasses.replace(s) for name, s in list(scheduler.lora_prefix_cache.items())},
         )
 
     def shutdown(self) -> None:
@@ -288,6 +333,8 @@ class AsyncLLMEngine:
         with self._wakeup:
             self._dead = (reason, cause)
             commands, self._commands = self._commands, deque()
+        if self.engine.lora_catalog is not None:  # reloads waiting for a step that never comes
+            self.engine.lora_catalog.fail_reloads(self._dead_error())
         for future, _, _ in commands:
             if future.set_running_or_notify_cancel():
                 future.set_exception(self._dead_error())

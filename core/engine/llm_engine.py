@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import concurrent.futures
 import itertools
 import logging
 import math
@@ -16,10 +16,9 @@ import torch
 
 from ..config import EngineArgs
 from ..errors import ConfigError, InvalidRequestError, LoRAError
+from ..lora.catalog import AdapterCatalog
 from ..lora.manager import LoRAManager, LoRAManagerConfig
 from ..lora.request import LoRARequest
-from ..lora.resolution import LoRAResolution
-from ..lora.resolve import lora_request_from
 from ..model_loader.loader import load_config, load_model, resolve_model_path
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
@@ -28,9 +27,9 @@ from .block_pool import BlockPool
 from .kv_budget import available_host_memory, cpu_kv_budget, gpu_kv_budget
 from .model_runner import KVCache, ModelRunner
 from .output_processor import Emitted, OutputProcessor
-from .sampler import Sampler, SamplingRow
+from .sampler import Sampler
 from .scheduler import Scheduler
-from .sequence import Sequence
+from .sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +47,7 @@ class _Request:
     lora_request: Any = None
     metrics: dict[str, float] = field(default_factory=dict)
     emitted: list[Emitted] = field(default_factory=list)  # per sequence, kept by the OutputProcessor
+    prompt_logprobs: list[Any] | None = None  # filled by the OutputProcessor (SamplingParams.prompt_logprobs)
 
     @property
     def finished(self) -> bool:
@@ -59,16 +59,16 @@ class LLMEngine:
         self.args = args
         self.device = args.torch_device()
         self.dtype = args.torch_dtype(self.device)
-        self.model_path = resolve_model_path(args.model)
+        self.model_path = resolve_model_path(args.model, args.revision, args.download_dir)
         self.model_config = load_config(self.model_path)
         self.tokenizer = load_tokenizer(args.tokenizer or self.model_path)
         self.max_model_len = self._max_model_len()
         self.max_num_batched_tokens = args.max_num_batched_tokens or max(self.max_model_len, 2048)
-        if self.max_num_batched_tokens < self.max_model_len:
+        if self.max_num_batched_tokens < self.max_model_len and not args.enable_chunked_prefill:
             raise ConfigError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than max_model_len "
-                f"({self.max_model_len}), so a long prompt could never be scheduled; raise "
-                "max_num_batched_tokens or lower max_model_len"
+                f"({self.max_model_len}) without chunked prefill, so a long prompt could never be scheduled; "
+                "raise max_num_batched_tokens, lower max_model_len or enable chunked prefill"
             )
         self.model = load_model(self.model_path, self.model_config, self.max_model_len, self.dtype, self.device)
         layer = self.model.layers[0]
@@ -77,9 +77,10 @@ class LLMEngine:
                                 layer.head_dim, self.dtype, self.device)
         self.served_model_name = args.served_model_name or (args.model if args.model else self.model_path.name)
         self.lora_manager = self._lora_manager() if args.enable_lora else None
-        self.lora_resolution = self._lora_resolution() if args.enable_lora else None
-        self.scheduler = Scheduler(BlockPool(num_blocks, args.block_size), args.max_num_seqs,
-                                   self.max_num_batched_tokens, self.lora_manager)
+        self.lora_catalog = self._lora_catalog(self.lora_manager) if self.lora_manager is not None else None
+        self.lora_resolution = self.lora_catalog.resolution if self.lora_catalog is not None else None
+        self.scheduler = Scheduler(BlockPool(num_blocks, args.block_size, args.enable_prefix_caching), args.max_num_seqs,
+                                   self.max_num_batched_tokens, self.lora_manager, args.enable_chunked_prefill)
         self.runner = ModelRunner(self.model, self.kv_cache, args.block_size, self.device, self.dtype, self.lora_manager)
         self.sampler = Sampler(args.seed, self.device)
         self.eos_token_ids = stop_token_ids_of(self.tokenizer, self.model_path)
@@ -124,14 +125,14 @@ class LLMEngine:
                                    dtype=args.lora_torch_dtype(self.dtype))
         return LoRAManager(self.model, config)
 
-    def _lora_resolution(self) -> LoRAResolution:
-        """Resolvers from the installed plugins (loaded once per process), asked for unknown names."""
+    def _lora_catalog(self, manager: LoRAManager) -> AdapterCatalog:
+        """The adapters' catalog, with the resolvers of the installed plugins (loaded once per process)."""
         from ..plugins import load_plugins
         from ..resolver import LoRAResolverRegistry
 
         load_plugins()
         # resolvers get the model as it was named (vLLM passes its `model` argument)
-        return LoRAResolution(LoRAResolverRegistry, self.args.model or self.served_model_name, self._add_resolved_lora)
+        return AdapterCatalog(manager, LoRAResolverRegistry, self.args.model or self.served_model_name)
 
     def _kv_budget(self) -> int:
         """The KV cache's bytes (see kv_budget): refused when more than the device has left."""
@@ -152,9 +153,9 @@ class LLMEngine:
     ) -> None:
         """Queue a prompt (text, `{"prompt": ...}` or `{"prompt_token_ids": [...]}`) for generation.
 
-        `lora_request` is a LoRARequest or a string: a local adapter directory, a Hub repo id, or
-        the name of an adapter already added. The adapter is loaded and checked here, so a bad
-        one fails this call and nothing else.
+        `lora_request` is a LoRARequest or a string: the name of an adapter already added, a local
+        adapter directory, a name the resolvers find, or a Hub repo id (see loraplex.lora.catalog).
+        The adapter is loaded and checked here, so a bad one fails this call and nothing else.
 
         Everything is checked before anything is allocated: the id, the parameters and the
         prompt first, then the adapter. A request refused here leaves the engine as it was.
@@ -168,12 +169,14 @@ class LLMEngine:
         elif not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params must be a SamplingParams; got {type(params).__name__}")
         params.verify()  # again: a field may have been changed since construction
+        params.update_from_tokenizer(self.tokenizer, self.model_config.vocab_size)
         if arrival_time is not None and (isinstance(arrival_time, bool) or not isinstance(arrival_time, (int, float))
                                          or not math.isfinite(arrival_time)):
             raise InvalidRequestError(f"arrival_time must be None or a finite number of seconds; got {arrival_time!r}")
         text, token_ids = self._tokenize(prompt)
         self._validate_prompt(token_ids)
-        lora_request = self._register_lora(lora_request) if lora_request is not None else None
+        lora_request = self._lookup_lora(lora_request) if lora_request is not None else None
+        adapter_version = self.lora_catalog.version(lora_request.lora_name) if lora_request is not None else 0
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         seqs = []
         for index in range(params.n):
@@ -182,7 +185,7 @@ class LLMEngine:
                 generator = torch.Generator(device=self.device)
                 generator.manual_seed(params.seed + index)
             seq = Sequence(next(self._seq_ids), request_id, index, list(token_ids), params, arrival, generator,
-                           lora_name=lora_request.lora_name if lora_request else None)
+                           lora_name=lora_request.lora_name if lora_request else None, adapter_version=adapter_version)
             seqs.append(seq)
         request = _Request(request_id, text, list(token_ids), params, seqs, arrival, lora_request)
         request.metrics["arrival_time"] = arrival
@@ -193,68 +196,95 @@ class LLMEngine:
         for seq in seqs:
             self.scheduler.add(seq)
 
-    def _register_lora(self, lora_request: LoRARequest | str) -> LoRARequest:
-        if self.lora_manager is None:
+    def _lookup_lora(self, lora_request: LoRARequest | str) -> LoRARequest:
+        if self.lora_catalog is None:
             name = lora_request.lora_name if isinstance(lora_request, LoRARequest) else lora_request
             raise InvalidRequestError(
                 f"LoRA adapter {name!r} was requested but LoRA is not enabled; start the engine with enable_lora=True (--enable-lora)"
             )
-        resolution = self.lora_resolution
-        resolve = resolution.resolve_sync if resolution is not None and resolution.enabled else None
-        request = lora_request_from(lora_request, self.lora_manager.registered, resolve)
-        self.lora_manager.add_lora(request)
-        return request
+        return self.lora_catalog.lookup(lora_request)
 
     async def resolve_lora(self, lora_name: str) -> LoRARequest:
-        """An adapter by name: one already added, else one the resolvers find (loaded and checked).
+        """An adapter by name: one already added, else one the resolvers find (loaded, checked and
+        added). Never a path or a Hub id (HTTP's rule; see loraplex.lora.catalog).
 
         Needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True for names not added yet; see loraplex.lora.resolution.
         """
-        manager = self._lora()
-        known = manager.registered.get(lora_name)
-        if known is not None:
-            return known
-        assert self.lora_resolution is not None  # exists whenever the manager does
-        return await self.lora_resolution.resolve(lora_name)
-
-    def _add_resolved_lora(self, request: LoRARequest) -> LoRARequest:
-        """Load and check an adapter a resolver found; a fresh id if another adapter holds its id."""
-        manager = self._lora()
-        known = manager.registered.get(request.lora_name)
-        if known is not None:  # added meanwhile (e.g. by add_lora): that one is served
-            return known
-        if any(r.lora_int_id == request.lora_int_id for r in manager.registered.values()):
-            fresh = max(r.lora_int_id for r in manager.registered.values()) + 1
-            request = dataclasses.replace(request, lora_int_id=fresh)
-        manager.add_lora(request)
-        return request
+        catalog = self._catalog()
+        return catalog.register_found(await catalog.resolve(lora_name))
 
     # ---- adapters (vLLM's engine methods) ---------------------------------------------------------
 
     def add_lora(self, lora_request: LoRARequest) -> bool:
-        return self._lora().add_lora(lora_request)
+        """Add an adapter (checked now); False if it was there already. With `load_inplace=True` for
+        an added name, its new weights are checked now and replace the old ones as soon as no
+        sequence started on them is left (at once if none is; else at the start of a step)."""
+        done = self._add_lora(lora_request)
+        return done.result() if done.done() else True
+
+    def _add_lora(self, lora_request: LoRARequest) -> concurrent.futures.Future[bool]:
+        """add_lora's future: it ends when the adapter is added or, for a reload in place, swapped in."""
+        if not isinstance(lora_request, LoRARequest):
+            raise InvalidRequestError(f"add_lora takes a LoRARequest; got {type(lora_request).__name__}")
+        catalog = self._catalog()
+        done = catalog.add(lora_request)
+        if not done.done():
+            self._hold_for_reload(lora_request.lora_name)
+        return done
+
+    def _hold_for_reload(self, name: str) -> None:
+        """A reload of `name` is pending: sequences of requests not started yet will run on the new
+        weights (the next version) and wait for them; started ones finish on the old weights."""
+        version = self.lora_catalog.version(name)  # the pending reload's
+        for request in self.requests.values():
+            seqs = [seq for seq in request.seqs if seq.lora_name == name]
+            started = any(seq.status is not SequenceStatus.WAITING or seq.output_token_ids for seq in request.seqs)
+            if seqs and not started:
+                for seq in seqs:
+                    seq.adapter_version = version
+        self._apply_reloads()
+
+    def _apply_reloads(self) -> None:
+        """Swap in the pending in-place reloads that no sequence on the old weights still needs."""
+        catalog = self.lora_catalog
+        if catalog is None:
+            return
+        pending = catalog.pending_reloads()
+        if pending:
+            blocked = {(seq.lora_name, seq.adapter_version) for request in self.requests.values() for seq in request.seqs
+                       if seq.lora_name in pending and not seq.is_finished}
+            catalog.apply_reloads(blocked)
+            pending = catalog.pending_reloads()
+        self.scheduler.held_versions = pending
 
     def remove_lora(self, lora_id: int | str) -> bool:
-        manager = self._lora()
-        name = manager._name_of(lora_id)
-        queued = sum(1 for seq in self.scheduler.waiting if name is not None and seq.lora_name == name)
+        catalog = self._catalog()
+        name = catalog.name_of(lora_id)
+        if name is None:
+            return False
+        queued = sum(1 for seq in self.scheduler.waiting if seq.lora_name == name)
         if queued:  # the scheduler would look the removed adapter up when it admits them
             raise LoRAError(
                 f"LoRA adapter {name!r} is needed by {queued} queued sequence(s); "
                 "abort them or wait for them to finish before removing it"
             )
-        return manager.remove_lora(lora_id)
+        return catalog.remove(name)
 
     def pin_lora(self, lora_id: int | str) -> bool:
-        return self._lora().pin_lora(lora_id)
+        return self._catalog().pin(lora_id)
 
     def list_loras(self) -> set[int]:
-        return self._lora().list_loras()
+        """The ids of the adapters held in the CPU cache, as vLLM's (an evicted adapter drops out)."""
+        return self._catalog().list_loras()
 
-    def _lora(self) -> LoRAManager:
-        if self.lora_manager is None:
+    def list_adapters(self) -> dict[str, LoRARequest]:
+        """Every adapter added, by name, whether its weights are cached or not."""
+        return self._catalog().list_adapters()
+
+    def _catalog(self) -> AdapterCatalog:
+        if self.lora_catalog is None:
             raise ConfigError("LoRA is not enabled on this engine; create it with enable_lora=True (--enable-lora)")
-        return self.lora_manager
+        return self.lora_catalog
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """The prompt's text (None when given as token ids) and its token ids, as Python ints."""
@@ -312,6 +342,13 @@ class LLMEngine:
                 if not seq.is_finished:
                     seq.finish("abort")
                 self.scheduler.free(seq)
+        self._apply_reloads()
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached KV block (vLLM's method), e.g. after the cache's memory was written
+        to from outside; requests running keep their blocks."""
+        self.scheduler.reset_prefix_cache()
+        return True
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -328,6 +365,7 @@ class LLMEngine:
         What each output carries follows its request's `SamplingParams.output_kind`; a
         FINAL_ONLY request that has not finished yet, for one, has no output this step.
         """
+        self._apply_reloads()  # before scheduling: waiting sequences then start on the new weights
         batch = self.scheduler.schedule()
         touched: dict[str, _Request] = {}
         for seq, error in batch.failed:
@@ -337,11 +375,13 @@ class LLMEngine:
             self.scheduler.free(seq)
             touched[seq.request_id] = self.requests[seq.request_id]
         if not batch:
-            return self._outputs(touched)
-        seqs = batch.sequences
+            outputs = self._outputs(touched)
+            self._apply_reloads()
+            return outputs
+        seqs = batch.sampled  # a prefill chunk that leaves part of its prompt for later samples nothing
         processor = self.output_processor
         logits = self.runner.execute(batch)  # [B, V]
-        rows = [SamplingRow(seq.params, processor.banned_tokens(seq), seq.generator) for seq in seqs]
+        rows = [processor.sampling_row(seq, self.runner.prompt_logits.get(seq.seq_id)) for seq in seqs]
         sampled = self.sampler(logits, rows)
         now = time.monotonic()
         for i, seq in enumerate(seqs):
@@ -352,7 +392,9 @@ class LLMEngine:
             if seq.is_finished:
                 self.scheduler.free(seq)
             touched[request.request_id] = request
-        return self._outputs(touched)
+        outputs = self._outputs(touched)
+        self._apply_reloads()  # the last sequence on the old weights may have just finished
+        return outputs
 
     def _outputs(self, touched: dict[str, _Request]) -> list[RequestOutput]:
         outputs = []

@@ -5,8 +5,11 @@ from __future__ import annotations
 import torch
 
 from ..models import AttentionMetadata, CausalLM
+from ..models.attention import PrefillContext
 from ..lora.manager import LoRAManager
+from .sampler import PromptLogits
 from .scheduler import ScheduledBatch
+from .sequence import Sequence
 
 
 class KVCache:
@@ -35,20 +38,36 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.dtype = dtype
+        # seq_id -> logits at the prompt positions of the last step, for requests with prompt_logprobs
+        self.prompt_logits: dict[int, PromptLogits] = {}
 
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Run the batch; return next-token logits [B, V] in `batch.sequences` order."""
+        """Run the batch; return next-token logits [B, V] in `batch.sampled` order (a prefill
+        chunk that does not finish its prompt has no row).
+
+        Prefills that want prompt logprobs also get the logits at their prompt positions, kept
+        in `prompt_logits` until the next step.
+        """
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         logits_indices: list[int] = []
+        prompt_rows: list[tuple[Sequence, int, int]] = []  # (seq, first extra row, number of rows)
         bs = self.block_size
         for seq in batch.prefills:
-            n = seq.num_tokens
-            input_ids.extend(seq.all_token_ids())
-            positions.extend(range(n))
-            slots.extend(seq.block_ids[p // bs] * bs + p % bs for p in range(n))
-            logits_indices.append(len(input_ids) - 1)
+            end = seq.num_cached_tokens  # the scheduler advanced it to what this step leaves cached
+            start = end - batch.chunks[seq]  # tokens before it are cached (earlier chunks, prefix cache)
+            first = len(input_ids)
+            input_ids.extend(seq.all_token_ids()[start:end])
+            positions.extend(range(start, end))
+            slots.extend(seq.block_ids[p // bs] * bs + p % bs for p in range(start, end))
+            if _wants_prompt_logits(seq):  # never chunked nor prefix-cached (see the scheduler)
+                # positions 0 .. P-2 predict prompt tokens 1 .. P-1 (the last one predicts the first output)
+                count = len(seq.prompt_token_ids) - 1
+                prompt_rows.append((seq, len(logits_indices), count))
+                logits_indices.extend(range(first, first + count))
+            if seq not in batch.partial:
+                logits_indices.append(len(input_ids) - 1)
         num_prefill_tokens = len(input_ids)
         for seq in batch.decodes:
             p = seq.num_tokens - 1
@@ -60,8 +79,9 @@ class ModelRunner:
         to = dict(device=self.device, dtype=torch.long)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, **to),
-            prefill_lens=[seq.num_tokens for seq in batch.prefills],
+            prefill_lens=[batch.chunks[seq] for seq in batch.prefills],
             num_prefill_tokens=num_prefill_tokens,
+            prefill_contexts=[self._prefill_context(seq, batch.chunks[seq]) for seq in batch.prefills],
             decode_blocks=None, decode_mask=None, decode_window_mask=None, decode_unused_rows=None,
             sliding_window=self.model.sliding_window, block_size=self.block_size,
         )
@@ -73,19 +93,35 @@ class ModelRunner:
             torch.tensor(input_ids, **to), torch.tensor(positions, **to), self.kv_cache.layers, meta,
             torch.tensor(logits_indices, **to),
         )
-        for seq in batch.prefills:
-            seq.num_cached_tokens = seq.num_tokens
-        for seq in batch.decodes:
-            seq.num_cached_tokens = seq.num_tokens
+        self.prompt_logits = {}
+        if prompt_rows:
+            logits, self.prompt_logits = _split_prompt_logits(logits, prompt_rows)
         return logits
 
     def _lora_layout(self, batch: ScheduledBatch) -> None:
         manager = self.lora_manager
         token_slots: list[int] = []
         for seq in batch.prefills:
-            token_slots.extend([manager.slot_of(seq.lora_name)] * seq.num_tokens)
+            token_slots.extend([manager.slot_of(seq.lora_name)] * batch.chunks[seq])
         token_slots.extend(manager.slot_of(seq.lora_name) for seq in batch.decodes)
         manager.set_step(token_slots, self.device)
+
+    def _prefill_context(self, seq: Sequence, chunk: int) -> PrefillContext | None:
+        """Where a prefill chunk after cached tokens finds their K/V, and its mask; None without
+        any (attention then takes the fast path over the chunk's own K/V)."""
+        end = seq.num_cached_tokens
+        start = end - chunk
+        if start == 0:
+            return None
+        bs = self.block_size
+        blocks = torch.tensor(seq.block_ids[:-(-end // bs)], dtype=torch.long)  # [nb]
+        query_pos = torch.arange(start, end)[:, None]  # [C, 1]
+        key_pos = torch.arange(end)[None, :]  # [1, Lk]
+        allowed = key_pos <= query_pos  # [C, Lk] causal, offset by the context
+        window = None
+        if self.model.sliding_window is not None:
+            window = (allowed & (query_pos - key_pos < self.model.sliding_window)).to(self.device)
+        return PrefillContext(blocks.to(self.device), end, allowed.to(self.device), window)
 
     def _decode_layout(self, batch: ScheduledBatch, meta: AttentionMetadata) -> None:
         """Gather indices and masks for decode attention, shared by all layers of the step."""
@@ -105,6 +141,22 @@ class ModelRunner:
             meta.decode_window_mask = _additive(outside_window.to(self.device), self.dtype)
         # the gathered rows past each context, set to zero before attention reads them (see attention)
         meta.decode_unused_rows = outside.view(-1).nonzero().view(-1).to(self.device)  # [U]
+
+
+def _wants_prompt_logits(seq: Sequence) -> bool:
+    # once per request (sample 0), on its first prefill (a preempted sequence has output tokens)
+    return seq.params.prompt_logprobs is not None and seq.index == 0 and not seq.output_token_ids
+
+
+def _split_prompt_logits(logits: torch.Tensor, prompt_rows: list[tuple[Sequence, int, int]]
+                         ) -> tuple[torch.Tensor, dict[int, PromptLogits]]:
+    """The next-token rows [B, V] and each sequence's prompt rows, out of the model's [B + extra, V]."""
+    keep = torch.ones(logits.shape[0], dtype=torch.bool)  # [B + extra]
+    prompt = {}
+    for seq, first, count in prompt_rows:
+        keep[first : first + count] = False
+        prompt[seq.seq_id] = PromptLogits(0, logits[first : first + count])
+    return logits[keep.to(logits.device)], prompt
 
 
 def _additive(masked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

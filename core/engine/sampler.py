@@ -1,12 +1,15 @@
-"""Vectorised sampling over the batch: greedy, temperature, top-k, top-p, min-p, seeds, logprobs."""
+"""Vectorised sampling over the batch: logit controls (penalties, bias, bans; see logits_controls),
+greedy, temperature, top-k, top-p, min-p, seeds, logprobs and prompt logprobs."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from ..sampling_params import SamplingParams
+from .logits_controls import apply_logit_controls
 
 
 @dataclass
@@ -16,6 +19,29 @@ class SamplerOutput:
     sampled_ranks: list[int] | None
     top_ids: list[list[int]] | None  # per row, the k most likely token ids (k = that row's logprobs)
     top_logprobs: list[list[float]] | None
+    # per row, None or the log-probabilities of the prompt positions the step computed
+    prompt_logprobs: list[PromptLogprobs | None] | None = None
+
+
+@dataclass
+class PromptLogits:
+    """The model's logits at prompt positions `start`, `start + 1`, ...: row j predicts prompt
+    token `start + j + 1`."""
+
+    start: int
+    logits: torch.Tensor  # [P, V]
+
+
+@dataclass
+class PromptLogprobs:
+    """Per prompt position (from `start`): the next prompt token's id, logprob and rank, and the top k."""
+
+    start: int
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
 
 
 @dataclass
@@ -25,6 +51,9 @@ class SamplingRow:
     params: SamplingParams
     banned_token_ids: list[int]  # e.g. EOS before min_tokens
     generator: torch.Generator | None
+    prompt_token_ids: Sequence[int] = ()  # for repetition_penalty and logits_processors
+    output_token_ids: Sequence[int] = ()  # for the penalties, bad_words and logits_processors
+    prompt_logits: PromptLogits | None = field(default=None, repr=False)  # for prompt_logprobs
 
 
 class Sampler:
@@ -37,9 +66,7 @@ class Sampler:
         # logprobs describe the model's own distribution (as vLLM's do), before any token is banned
         want_logprobs = any(row.params.logprobs is not None for row in rows)
         logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None  # [B, V]
-        for i, row in enumerate(rows):
-            if row.banned_token_ids:
-                logits[i, row.banned_token_ids] = float("-inf")
+        logits = apply_logit_controls(logits, rows)
 
         greedy_ids = logits.argmax(dim=-1)  # [B]
         if all(row.params.greedy for row in rows):
@@ -50,6 +77,8 @@ class Sampler:
         out = SamplerOutput(token_ids.tolist(), None, None, None, None)
         if logprobs is not None:
             self._fill_logprobs(out, logprobs, token_ids, rows)
+        if any(row.prompt_logits is not None for row in rows):
+            out.prompt_logprobs = [_prompt_logprobs(row) if row.prompt_logits is not None else None for row in rows]
         return out
 
     @staticmethod
@@ -88,6 +117,18 @@ class Sampler:
         top_ids_list, top_values_list = top_ids.tolist(), top_values.tolist()
         out.top_ids = [ids[: row.params.logprobs or 0] for ids, row in zip(top_ids_list, rows)]
         out.top_logprobs = [vals[: row.params.logprobs or 0] for vals, row in zip(top_values_list, rows)]
+
+
+def _prompt_logprobs(row: SamplingRow) -> PromptLogprobs:
+    """The model's log-probabilities of the prompt's own tokens (and the top k) at the computed positions."""
+    start, logits = row.prompt_logits.start, row.prompt_logits.logits  # [P, V]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [P, V]
+    targets = torch.tensor(row.prompt_token_ids[start + 1 : start + 1 + logits.shape[0]], device=logits.device)  # [P]
+    actual = logprobs.gather(1, targets[:, None])  # [P, 1]
+    ranks = (logprobs > actual).sum(dim=-1) + 1  # [P]
+    top_values, top_ids = logprobs.topk(row.params.prompt_logprobs or 0, dim=-1)  # [P, k]
+    return PromptLogprobs(start, targets.tolist(), actual.squeeze(1).tolist(), ranks.tolist(), top_ids.tolist(),
+                          top_values.tolist())
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:

@@ -29,6 +29,7 @@ class Sequence:
     arrival: float
     generator: torch.Generator | None = None
     lora_name: str | None = None  # the adapter this sequence runs with (None = base model)
+    adapter_version: int = 0  # the adapter's weights version (bumped by an in-place reload)
     output_token_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # tokens whose K/V sit in the cache

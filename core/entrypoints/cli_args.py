@@ -17,10 +17,13 @@ import types
 import typing
 from typing import TYPE_CHECKING, Any
 
+from ..ray.options import add_ray_arguments
+
 if TYPE_CHECKING:
     from ..config import EngineArgs
 
 MODEL, BATCHING, LORA, SERVER = "Model", "Batching and memory", "LoRA adapters", "Server"
+VLLM = "Accepted for vLLM compatibility (see docs/vllm-compatibility.md)"
 
 # EngineArgs field -> (group, help); the default is appended from the field itself
 ENGINE_FLAGS: dict[str, tuple[str, str]] = {
@@ -31,11 +34,16 @@ ENGINE_FLAGS: dict[str, tuple[str, str]] = {
     "seed": (MODEL, "the engine's sampling seed (requests may set their own `seed`)"),
     "max_model_len": (BATCHING, "the longest sequence, prompt and reply, in tokens (default: the model's limit)"),
     "max_num_seqs": (BATCHING, "the most sequences in one batch"),
-    "max_num_batched_tokens": (BATCHING, "the most tokens one step processes (default: max(max-model-len, 2048))"),
+    "max_num_batched_tokens": (BATCHING, "the most tokens one step processes: decodes, then prefill chunks "
+                                         "(default: max(max-model-len, 2048))"),
     "block_size": (BATCHING, "tokens per KV cache block"),
     "kv_cache_memory_bytes": (BATCHING, "KV cache size in bytes (default: VLLM_CPU_KVCACHE_SPACE GiB on CPU, "
                                         "--gpu-memory-utilization of a GPU)"),
     "gpu_memory_utilization": (BATCHING, "the fraction of GPU memory the engine may take"),
+    "enable_prefix_caching": (BATCHING, "share the KV cache of common prompt prefixes between requests of the same "
+                                        "model or adapter version (--no-enable-prefix-caching: off)"),
+    "enable_chunked_prefill": (BATCHING, "prefill long prompts in chunks of --max-num-batched-tokens while other "
+                                         "requests keep decoding (--no-enable-chunked-prefill: whole prompts)"),
     "enable_lora": (LORA, "serve LoRA adapters (implied by --lora-modules)"),
     "max_loras": (LORA, "adapters held in device slots at once, so the most distinct adapters in one step"),
     "max_lora_rank": (LORA, "the highest adapter rank accepted"),
@@ -43,7 +51,7 @@ ENGINE_FLAGS: dict[str, tuple[str, str]] = {
     "lora_dtype": (LORA, "dtype adapters are kept in: auto (the model's), float32, bfloat16, float16"),
 }
 _OTHER = "Engine"
-_GROUP_ORDER = (MODEL, BATCHING, LORA, _OTHER, SERVER)
+_GROUP_ORDER = (MODEL, BATCHING, LORA, _OTHER, VLLM, SERVER)
 
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
@@ -52,6 +60,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> dict[str, argparse.
     """MODEL, a flag per EngineArgs field and --lora-modules (what `serve` and `generate` share);
     the argument groups by title, for the caller to add to."""
     from ..config import EngineArgs  # torch loads here, not at import
+    from ..vllm_compat import VLLM_ARGS
 
     parser.add_argument("model", nargs="?", default=None, metavar="MODEL",
                         help="model directory or Hub repo id (default: the embedded SmolLM2-135M-Instruct)")
@@ -60,7 +69,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> dict[str, argparse.
     hints = typing.get_type_hints(EngineArgs)
     for field in dataclasses.fields(EngineArgs):
         if field.init and field.name != "model":
-            group, text = ENGINE_FLAGS.get(field.name, (_OTHER, f"EngineArgs.{field.name}"))
+            if field.name in ENGINE_FLAGS:
+                group, text = ENGINE_FLAGS[field.name]
+            elif field.name in VLLM_ARGS:  # what loraplex does with vLLM's argument
+                group, text = VLLM, VLLM_ARGS[field.name].does
+            else:
+                group, text = _OTHER, f"EngineArgs.{field.name}"
             _add_field(groups[group], field, hints[field.name], text)
     groups[LORA].add_argument(
         "--lora-modules", nargs="+", default=[], type=lora_module, metavar="NAME=PATH",
@@ -80,6 +94,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     server.add_argument("--uvicorn-log-level", default="info", choices=UVICORN_LOG_LEVELS,
                         help="uvicorn's log level (default: info)")
     server.add_argument("--disable-log-requests", action="store_true", help="do not log each request")
+    add_ray_arguments(server)
     return parser
 
 

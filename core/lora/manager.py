@@ -6,13 +6,19 @@ otherwise the least recently used slot is reused. Every wrapped linear holds the
 weights as views of one flat buffer per slot, and an adapter waits in the CPU cache as a flat
 image of that buffer, so activating it is one copy (see slot_layout).
 
-A registered name keeps meaning the weights it was registered with. The files' fingerprint (size,
-mtime and SHA-256 of adapter_config.json and of the weight file, see fingerprint) is recorded at
-registration; when an adapter evicted from the CPU cache is read from disk again, files whose
-content changed meanwhile are refused with a LoRAError (the requests that need the adapter fail,
-nothing else does) rather than silently served, or silently adopted, under the old name. New
-files are taken only when the operator says so: an in-place reload, or remove_lora + add_lora.
-A file merely touched (new mtime, same content) is the same adapter.
+The manager holds weights only: which adapters it knows (a name, the directory it was read from
+and the files' fingerprint), the CPU cache and the slots. Names, ids, checks and resolution are
+the catalog's (loraplex.lora.catalog), which reads adapters from disk with `read` (pure, any
+thread) and hands them over with `add` / `replace`. Every method that changes the manager runs
+on the engine's thread, between steps.
+
+A name keeps meaning the weights it was added with. The files' fingerprint (size, mtime and
+SHA-256 of adapter_config.json and of the weight file, see fingerprint) is recorded by `add`;
+when an adapter evicted from the CPU cache is read from disk again, files whose content changed
+meanwhile are refused with a LoRAError (the requests that need the adapter fail, nothing else
+does) rather than silently served, or silently adopted, under the old name. New files are taken
+only when the operator says so: an in-place reload (`replace` records the new fingerprint), or
+remove_lora + add_lora. A file merely touched (new mtime, same content) is the same adapter.
 """
 
 from __future__ import annotations
@@ -24,14 +30,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ConfigError, InvalidLoRAAdapterError, LoRAAdapterNotFoundError, LoRAError
+from ..errors import ConfigError, LoRAAdapterNotFoundError, LoRAError
 from ..kernels import LoRABatchMapping, native_cpu
 from ..models import CausalLM
 from . import huge_pages
 from .adapter import LoRAAdapter, load_adapter
 from .fingerprint import Fingerprint
 from .layers import LoRALinear, LoRAStepState
-from .request import LoRARequest
 from .slot_layout import ModuleKey, SlotLayout
 
 _WRAPPED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -92,8 +97,8 @@ class LoRAManager:
             wrapped = LoRALinear(getattr(layer, name), *self.layout.views(self.storage, (index, name)), self.state)
             setattr(layer, name, wrapped)
             self.layers[(index, name)] = wrapped
-        self.registered: dict[str, LoRARequest] = {}
-        self._fingerprints: dict[str, Fingerprint] = {}  # of each registered adapter's files, at registration
+        # name -> (directory, fingerprint of its files when added), to read it again after an eviction
+        self._sources: dict[str, tuple[str, Fingerprint]] = {}
         self.cpu_cache: OrderedDict[str, LoRAAdapter] = OrderedDict()
         self.slots: list[str | None] = [None] * config.max_loras
         self._slot_clock = [0] * config.max_loras  # last use, for LRU among idle slots
@@ -105,47 +110,50 @@ class LoRAManager:
         self._reloaded: set[str] = set()
         self.stats: dict[str, AdapterStats] = {}
 
-    # ---- registration (disk -> CPU) -------------------------------------------------------------
+    # ---- adapters known (disk -> CPU) --------------------------------------------------------------
 
-    def add_lora(self, request: LoRARequest) -> bool:
-        """Register and load an adapter (validated now); False if it was already registered.
+    def read(self, name: str, path: str, expected: Fingerprint | None = None) -> LoRAAdapter:
+        """Read and check an adapter from disk (every weight check lives in load_adapter).
 
-        Nothing is registered unless every check passes.
+        Pure: it changes nothing here, so the catalog calls it from any thread.
         """
-        self._check_base_model_name(request)  # also for a known name: it is asked for as this request says
-        known = self.registered.get(request.lora_name)
-        if known is not None:
-            if known.lora_path != request.lora_path or known.lora_int_id != request.lora_int_id:
-                raise InvalidLoRAAdapterError(
-                    f"LoRA adapter name {request.lora_name!r} is already registered with path {known.lora_path!r} "
-                    f"and id {known.lora_int_id}; give the new adapter another name, or remove the old one first"
-                )
-            self._ensure_cpu(request.lora_name)
-            return False
-        for other in self.registered.values():
-            if other.lora_int_id == request.lora_int_id:
-                raise InvalidLoRAAdapterError(
-                    f"LoRA id {request.lora_int_id} of adapter {request.lora_name!r} is already used by adapter "
-                    f"{other.lora_name!r}; give each adapter its own lora_int_id"
-                )
-        adapter = self._load(request)
-        self.registered[request.lora_name] = request
-        self._fingerprints[request.lora_name] = adapter.fingerprint
-        self._cache_put(adapter)
-        return True
+        return load_adapter(path, name, self.layout, self.dtype, self.config.served_names,
+                            pin_memory=self.device.type == "cuda", expected=expected)
 
-    def remove_lora(self, name_or_id: str | int) -> bool:
-        """Forget an adapter and free its CPU and device memory; refused while requests use it."""
-        name = self._name_of(name_or_id)
-        if name is None:
+    def add(self, adapter: LoRAAdapter, load_seconds: float = 0.0) -> None:
+        """Know `adapter` (read by `read`) under its name and cache its weights; the name must be new."""
+        assert adapter.name not in self._sources, adapter.name
+        self._sources[adapter.name] = (adapter.path, adapter.fingerprint)
+        self._record_load(adapter.name, load_seconds)
+        self._cache_put(adapter)
+
+    def replace(self, adapter: LoRAAdapter, load_seconds: float = 0.0) -> None:
+        """Serve `adapter`'s weights under its (known) name from now on: an in-place reload.
+
+        The caller makes sure no sequence runs with the old weights; a slot holding them gets the
+        new ones at once (a pinned adapter stays pinned), and the new files' fingerprint is the
+        one later reads from disk are checked against.
+        """
+        name = adapter.name
+        assert name in self._sources and not self.in_use[name], name
+        self._sources[name] = (adapter.path, adapter.fingerprint)
+        self._record_load(name, load_seconds)
+        self._reloaded.discard(name)
+        self.cpu_cache.pop(name, None)
+        self._cache_put(adapter)
+        if name in self.slots:
+            self.storage[self.slots.index(name)].copy_(adapter.image, non_blocking=True)
+
+    def remove(self, name: str) -> bool:
+        """Forget an adapter and free its CPU and device memory; refused while sequences run with it."""
+        if name not in self._sources:
             return False
         if self.in_use[name]:
             raise LoRAError(
                 f"LoRA adapter {name!r} is in use by {self.in_use[name]} running sequence(s); "
                 "abort them or wait for them to finish before removing it"
             )
-        self.registered.pop(name)
-        self._fingerprints.pop(name, None)
+        del self._sources[name]
         self.cpu_cache.pop(name, None)
         self.pinned.discard(name)
         self._reloaded.discard(name)
@@ -155,11 +163,13 @@ class LoRAManager:
             self.slots[slot] = None
         return True
 
-    def pin_lora(self, name_or_id: str | int) -> bool:
+    def knows(self, name: str) -> bool:
+        return name in self._sources
+
+    def pin(self, name: str) -> bool:
         """Keep an adapter in a device slot (and the CPU cache) until it is removed."""
-        name = self._name_of(name_or_id)
-        if name is None:
-            raise LoRAAdapterNotFoundError(f"cannot pin LoRA adapter {name_or_id!r}: it is not registered; add it first")
+        if name not in self._sources:
+            raise LoRAAdapterNotFoundError(f"cannot pin LoRA adapter {name!r}: it is not registered; add it first")
         if name in self.pinned:
             return True
         if len(self.pinned) + 1 >= self.config.max_loras:
@@ -180,36 +190,26 @@ class LoRAManager:
     def record_generated(self, name: str, tokens: int = 1) -> None:
         self.stats.setdefault(name, AdapterStats()).generated_tokens += tokens
 
-    def list_loras(self) -> set[int]:
-        return {request.lora_int_id for request in self.registered.values()}
+    def cached_names(self) -> list[str]:
+        """The adapters whose weights the CPU cache holds (a copy, safe to read from any thread)."""
+        return list(self.cpu_cache)
 
-    def _name_of(self, name_or_id: str | int) -> str | None:
-        if isinstance(name_or_id, str):
-            return name_or_id if name_or_id in self.registered else None
-        return next((n for n, r in self.registered.items() if r.lora_int_id == name_or_id), None)
-
-    def _check_base_model_name(self, request: LoRARequest) -> None:
-        names = self.config.served_names
-        if request.base_model_name and names and request.base_model_name not in names:
-            raise InvalidLoRAAdapterError(
-                f"LoRA adapter {request.lora_name!r} names base model {request.base_model_name!r}, but this engine "
-                f"serves {sorted(names)}; use an adapter for the served model"
-            )
-
-    def _load(self, request: LoRARequest) -> LoRAAdapter:
-        start = time.perf_counter()
-        adapter = load_adapter(request.lora_path, request.lora_name, self.layout, self.dtype,
-                               self.config.served_names, pin_memory=self.device.type == "cuda",
-                               expected=self._fingerprints.get(request.lora_name))
-        stats = self.stats.setdefault(request.lora_name, AdapterStats())
+    def _record_load(self, name: str, seconds: float) -> None:
+        stats = self.stats.setdefault(name, AdapterStats())
         stats.loads += 1
-        stats.load_seconds += time.perf_counter() - start
-        return adapter
+        stats.load_seconds += seconds
+
+    def ensure_cpu(self, name: str) -> LoRAAdapter:
+        """The adapter's weights in the CPU cache, read from disk again if it was evicted."""
+        return self._ensure_cpu(name)
 
     def _ensure_cpu(self, name: str) -> LoRAAdapter:
         adapter = self.cpu_cache.get(name)
         if adapter is None:
-            adapter = self._load(self.registered[name])
+            path, fingerprint = self._sources[name]
+            start = time.perf_counter()
+            adapter = self.read(name, path, expected=fingerprint)
+            self._record_load(name, time.perf_counter() - start)
             self._cache_put(adapter)
             self._reloaded.add(name)
         else:
@@ -245,7 +245,7 @@ class LoRAManager:
 
     def activate(self, name: str) -> int:
         """Copy a registered adapter into a device slot now (e.g. to warm it up); its slot."""
-        if name not in self.registered:
+        if name not in self._sources:
             raise LoRAAdapterNotFoundError(f"LoRA adapter {name!r} is not registered; add it first")
         slot = self._activate(name)
         if slot is None:

@@ -1,8 +1,9 @@
 """On-demand resolution: an adapter name nobody added, found through the registered resolvers.
 
 `LoRAResolution.resolve(name)` asks the resolvers in registry order; the first that returns a
-LoRARequest whose adapter passes validation (the engine loads it: PEFT LoRA, base model,
-shapes) wins. Around that:
+LoRARequest whose adapter passes validation (the catalog reads it: PEFT LoRA, base model,
+shapes) wins. The resolution never touches the engine: the catalog keeps the adapter it read, and
+the engine's thread adds it (see loraplex.lora.catalog). Around that:
 
 * gate: only when `VLLM_ALLOW_RUNTIME_LORA_UPDATING` is true;
 * each resolver call runs under a timeout (`LORAPLEX_LORA_RESOLVER_TIMEOUT`, default 30 s); one
@@ -20,7 +21,8 @@ shapes) wins. Around that:
   seconds (default 10, 0 disables), so a flood of bad names does not hammer remote sources;
 * a found adapter that fails validation is reported with the resolver and the reason; the
   next resolver is asked, and if none yields a valid adapter the call fails with
-  `InvalidLoRAAdapterError` (never remembered as a success or a miss).
+  `InvalidLoRAAdapterError` (never remembered as a success or a miss);
+* `outcome_counts` counts each resolver's answers by their final kind, for /metrics.
 
 `resolve_sync(name)` serves synchronous callers (`LLMEngine.add_request`): it runs the
 resolution on loraplex's private event loop thread, so it works inside a running loop too.
@@ -47,9 +49,9 @@ __all__ = ["LoRAResolution", "ValidateFn"]
 
 logger = logging.getLogger(__name__)
 
-# Loads and checks a found adapter (the engine's add_lora); may return the LoRARequest to use
-# instead (e.g. with a fresh lora_int_id), may be a coroutine function; raises if invalid.
-ValidateFn = Callable[[LoRARequest], "LoRARequest | None | Awaitable[LoRARequest | None]"]
+# Loads and checks a found adapter (the catalog reads it, off the engine thread, and keeps it
+# for the engine to add); may be a coroutine function; raises if the adapter is invalid.
+ValidateFn = Callable[[LoRARequest], "None | Awaitable[None]"]
 
 _ENABLE_HINT = "set VLLM_ALLOW_RUNTIME_LORA_UPDATING=True to let loraplex find unknown adapters through its resolvers"
 
@@ -93,11 +95,22 @@ class LoRAResolution:
         self._tasks: set[asyncio.Task] = set()  # leaders' tasks, referenced until they end
         self._misses: dict[str, tuple[float, str]] = {}  # name -> (expiry, message)
         self.resolver_calls = 0  # how many times a resolver was asked (for tests and metrics)
+        # (resolver, outcome kind) -> answers, the final kind of each ("invalid": found but refused)
+        self.outcome_counts: dict[tuple[str, str], int] = {}
 
     @property
     def enabled(self) -> bool:
         """True when runtime updating is allowed and at least one resolver is registered."""
         return envs.allow_runtime_lora_updating() and bool(self.registry.get_supported_resolvers())
+
+    def disabled_hint(self) -> str | None:
+        """When resolvers are registered but runtime updating is off: a sentence saying so and
+        naming the switch; else None."""
+        names = list(self.registry.get_supported_resolvers())
+        if not names or envs.allow_runtime_lora_updating():
+            return None
+        return (f"LoRA resolvers are installed ({', '.join(names)}) but were not asked: VLLM_ALLOW_RUNTIME_LORA_UPDATING "
+                f"is off; {_ENABLE_HINT}.")
 
     def forget_misses(self) -> None:
         with self._lock:
@@ -108,9 +121,11 @@ class LoRAResolution:
     async def resolve(self, lora_name: str) -> LoRARequest:
         """The validated LoRARequest for `lora_name`; LoRAAdapterNotFoundError or InvalidLoRAAdapterError."""
         if not envs.allow_runtime_lora_updating():
+            installed = list(self.registry.get_supported_resolvers())
+            which = f" (resolvers installed but not asked: {', '.join(installed)})" if installed else ""
             raise LoRAAdapterNotFoundError(
-                f"LoRA adapter {lora_name!r} is not loaded and resolving unknown adapters is disabled; {_ENABLE_HINT}, "
-                "or add the adapter first (add_lora, --lora-modules)"
+                f"LoRA adapter {lora_name!r} is not loaded and resolving unknown adapters is disabled{which}; "
+                f"{_ENABLE_HINT}, or add the adapter first (add_lora, --lora-modules)"
             )
         if not isinstance(lora_name, str) or not lora_name:
             raise LoRAAdapterNotFoundError(f"a LoRA adapter name must be a non-empty string; got {lora_name!r}")
@@ -160,18 +175,12 @@ class LoRAResolution:
         for name, resolver in self.registry.items():
             outcome, request = await self._ask(name, resolver, lora_name)
             if request is not None:
-                try:
-                    validated = self.validate(request)
-                    if inspect.isawaitable(validated):
-                        validated = await validated
-                except Exception as exc:  # noqa: BLE001 - an invalid adapter is reported, the next resolver asked
-                    outcome = _Outcome(name, "invalid", f"found at {request.lora_path!r} but refused: {_reason(exc)}")
-                    logger.warning("LoRA resolver %r found adapter %r but it is invalid: %s; asking the next resolver",
-                                   name, lora_name, _reason(exc))
-                else:
-                    final = validated if isinstance(validated, LoRARequest) else request
-                    logger.info("LoRA resolver %r resolved adapter %r to %s", name, lora_name, final.lora_path)
-                    return final
+                outcome = await self._validate(outcome, request, lora_name)
+            self._count(outcome)
+            if outcome.kind == "found":
+                assert request is not None
+                logger.info("LoRA resolver %r resolved adapter %r to %s", name, lora_name, request.lora_path)
+                return request
             outcomes.append(outcome)
         tried = "; ".join(str(o) for o in outcomes) or "no resolver is registered"
         if any(o.kind == "invalid" for o in outcomes):
@@ -183,6 +192,23 @@ class LoRAResolution:
             f"LoRA adapter {lora_name!r} is not loaded and no resolver found it. Resolvers tried, in order: {tried}; "
             "check the name, or add the adapter to one of these sources"
         )
+
+    async def _validate(self, outcome: _Outcome, request: LoRARequest, lora_name: str) -> _Outcome:
+        """`outcome` ("found") if the found adapter passes `validate`, else an "invalid" outcome."""
+        try:
+            checked = self.validate(request)
+            if inspect.isawaitable(checked):
+                await checked
+        except Exception as exc:  # noqa: BLE001 - an invalid adapter is reported, the next resolver asked
+            logger.warning("LoRA resolver %r found adapter %r but it is invalid: %s; asking the next resolver",
+                           outcome.resolver, lora_name, _reason(exc))
+            return _Outcome(outcome.resolver, "invalid", f"found at {request.lora_path!r} but refused: {_reason(exc)}")
+        return outcome
+
+    def _count(self, outcome: _Outcome) -> None:
+        with self._lock:
+            key = (outcome.resolver, outcome.kind)
+            self.outcome_counts[key] = self.outcome_counts.get(key, 0) + 1
 
     async def _ask(self, name: str, resolver, lora_name: str) -> tuple[_Outcome, LoRARequest | None]:
         """One resolver's answer, under the timeout, on its own loop thread; whatever it does

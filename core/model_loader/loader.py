@@ -14,8 +14,9 @@ from ..models import CausalLM, build_model
 from ..models.registry import architecture_of
 
 
-def resolve_model_path(model: str | None) -> Path:
-    """A local Hugging Face model directory for `model` (None = the embedded default)."""
+def resolve_model_path(model: str | None, revision: str | None = None, download_dir: str | None = None) -> Path:
+    """A local Hugging Face model directory for `model` (None = the embedded default); a Hub repo
+    id is downloaded at `revision` (default: main) into `download_dir` (default: the HF cache)."""
     if model is None:
         from .embedded import embedded_model_dir
 
@@ -33,15 +34,16 @@ def resolve_model_path(model: str | None) -> Path:
             f"model {model!r} is not a directory; give the path of a Hugging Face model directory "
             "or a Hub repo id like 'org/name' (or leave it out to use the embedded default)"
         )
-    return _download_from_hub(model)
+    return _download_from_hub(model, revision, download_dir)
 
 
-def _download_from_hub(repo_id: str) -> Path:
+def _download_from_hub(repo_id: str, revision: str | None, download_dir: str | None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
         local = snapshot_download(
-            repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model", "*.txt"]
+            repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model", "*.txt"],
+            revision=revision, cache_dir=download_dir,
         )
     except Exception as exc:  # network, auth, missing repo: all end the same way for the user
         raise ModelNotFoundError(

@@ -1,9 +1,13 @@
 """Attention over a paged KV cache, in plain torch (runs on CPU and GPU alike).
 
 A step's tokens are flattened into one batch ordered as [prefill tokens..., decode tokens...].
-Prefill sequences attend causally to their own new tokens (the engine recomputes whole prompts,
-so a prefill never has a cached prefix); decode tokens attend to their sequence's cached keys,
-gathered from the block pool with indices computed once per step and shared by all layers.
+A prefill chunk with nothing cached before it attends causally to its own new tokens (the fast
+path). One that follows cached tokens (earlier chunks of a chunked prefill, blocks found in the
+prefix cache) gathers its sequence's blocks from the cache, its own new K/V included (written
+before any attention reads), keeps exactly the rows of its context and attends to them with the
+causal mask offset by the context length: no row past its context is read at all. Decode tokens
+attend to their sequence's cached keys, gathered from the block pool with indices computed once
+per step and shared by all layers.
 
 A decode gathers whole blocks: the padding entries of the block table (block 0) and the tail of
 a sequence's last block come along, holding whatever an earlier or concurrent request left
@@ -24,6 +28,16 @@ import torch.nn.functional as F
 
 
 @dataclass
+class PrefillContext:
+    """A prefill chunk that follows cached tokens: where its sequence's K/V are, and its masks."""
+
+    blocks: torch.Tensor  # [nb] the sequence's blocks holding positions 0 .. length-1
+    length: int  # context through the chunk's last token: the keys it may see
+    mask: torch.Tensor  # [C, length] bool, True = may attend: causal, offset by the cached tokens
+    window_mask: torch.Tensor | None  # [C, length] the same, also inside the sliding window (None: no window)
+
+
+@dataclass
 class AttentionMetadata:
     """Per-step layout of the flattened batch; built by the model runner, read by every layer."""
 
@@ -36,6 +50,7 @@ class AttentionMetadata:
     decode_unused_rows: torch.Tensor | None  # [U] rows of the gathered [Bd * L] keys past their sequence's context
     sliding_window: int | None
     block_size: int
+    prefill_contexts: list[PrefillContext | None] | None = None  # per prefill; None: no cached tokens before any
 
     @property
     def num_decode_tokens(self) -> int:
@@ -66,16 +81,21 @@ class PagedAttention:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, Hq, D], contiguous
         p = meta.num_prefill_tokens
         if p:
-            self._prefill(q[:p], k[:p], v[:p], out[:p], meta)
+            self._prefill(q[:p], k[:p], v[:p], k_cache, v_cache, out[:p], meta)
         if meta.num_decode_tokens:
             self._decode(q[p:], k_cache, v_cache, out[p:], meta)
         return out.view(q.shape[0], self.num_heads * self.head_dim)
 
-    def _prefill(self, q, k, v, out, meta: AttentionMetadata) -> None:
+    def _prefill(self, q, k, v, k_cache, v_cache, out, meta: AttentionMetadata) -> None:
         window = meta.sliding_window if self.sliding else None
+        contexts = meta.prefill_contexts or [None] * len(meta.prefill_lens)
         start = 0
-        for length in meta.prefill_lens:
+        for length, context in zip(meta.prefill_lens, contexts):
             end = start + length
+            if context is not None:
+                out[start:end] = self._prefill_after_cache(q[start:end], k_cache, v_cache, context, window, meta)
+                start = end
+                continue
             qs = q[start:end].transpose(0, 1)  # [Hq, L, D]
             ks = k[start:end].transpose(0, 1)  # [Hkv, L, D]
             vs = v[start:end].transpose(0, 1)  # [Hkv, L, D]
@@ -86,6 +106,21 @@ class PagedAttention:
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale, enable_gqa=True)
             out[start:end] = o.transpose(0, 1)
             start = end
+
+    def _prefill_after_cache(self, q, k_cache, v_cache, context: PrefillContext, window: int | None,
+                             meta: AttentionMetadata) -> torch.Tensor:  # [C, Hq, D]
+        row = meta.block_size * self.num_kv_heads * self.head_dim
+        # whole blocks gathered, then cut to the context: every row kept is this sequence's own
+        keys = k_cache.view(-1, row).index_select(0, context.blocks).view(-1, self.num_kv_heads, self.head_dim)
+        values = v_cache.view(-1, row).index_select(0, context.blocks).view(-1, self.num_kv_heads, self.head_dim)
+        mask = context.window_mask if window is not None else context.mask  # [C, Lk]
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1),  # [Hq, C, D]
+            keys[:context.length].transpose(0, 1),  # [Hkv, Lk, D]
+            values[:context.length].transpose(0, 1),
+            attn_mask=mask, scale=self.scale, enable_gqa=True,
+        )  # [Hq, C, D]
+        return o.transpose(0, 1)
 
     def _decode(self, q, k_cache, v_cache, out, meta: AttentionMetadata) -> None:
         bd, num_blocks = meta.decode_blocks.shape

@@ -8,7 +8,11 @@
     ResolverConformance                   a pytest mixin: the checks every resolver should pass
                                           (see loraplex.testing.conformance for how to use it)
 
-Needs the test extras (`pip install loraplex[test]`: pytest, peft). Importing this package is
+Its pytest plugin (`loraplex.testing.pytest_plugin`, loaded by pytest automatically) gives every
+test the fixtures `base_model_path`, `lora_adapter_dir` and `other_lora_adapter_dir`;
+`loraplex new-resolver NAME` (`loraplex.testing.template`) lays out a package that uses them.
+
+Needs the testing extra (`pip install loraplex[testing]`: pytest, peft). Importing this package is
 light; torch, transformers and peft load when a helper is first called.
 """
 

@@ -40,6 +40,15 @@ def cache_names(tmp_path: Path) -> list[str]:
 class TestHttpArchiveConformance(ResolverConformance):
     """The resolver contract every loraplex resolver should meet (from loraplex.testing)."""
 
+    serves_replaced_adapters = False  # a cached adapter is served until its cache entry is deleted (README)
+
+    @pytest.fixture
+    def publish_adapter(self, server: ArchiveServer):
+        def publish(lora_name: str, adapter_dir: Path) -> None:
+            server.files[f"/loras/{lora_name}.tar.gz"] = tar_gz(dir_members(adapter_dir))
+
+        return publish
+
     @pytest.fixture
     def resolver(self, server: ArchiveServer, tmp_path: Path, lora_adapter_dir: Path) -> HttpArchiveResolver:
         server.files["/loras/known.tar.gz"] = tar_gz(dir_members(lora_adapter_dir))

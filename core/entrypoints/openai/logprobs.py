@@ -3,7 +3,8 @@
 The engine gives, per generated token, a dict token id -> Logprob holding the `k` most likely
 tokens (rank 1 = most likely) plus the sampled one. Completions answer
 `{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}`; chat answers
-`{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}`. With vLLM's
+`{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}`. Prompt logprobs take
+vLLM's shape (see prompt_logprobs_json). With vLLM's
 `return_tokens_as_token_ids`, tokens are written `token_id:<id>`, which is exact where a token's
 text is not (partial UTF-8, tokens that decode alike).
 """
@@ -16,7 +17,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from ...outputs import Logprob
+from ...outputs import Logprob, PromptLogprobs
 
 # JSON has no -Infinity: a token the filters ruled out gets vLLM's stand-in
 _MIN_LOGPROB = -9999.0
@@ -69,6 +70,17 @@ def chat_logprobs(token_ids: Sequence[int], entries: Sequence[dict[int, Logprob]
             ],
         })
     return {"content": content}
+
+
+def prompt_logprobs_json(entries: PromptLogprobs | None) -> list[dict[str, dict[str, Any]] | None] | None:
+    """vLLM's `prompt_logprobs`: None for the first token, then {token id: {logprob, rank, decoded_token}};
+    -inf (a token the model rules out) becomes vLLM's -9999.0, as JSON has no infinities."""
+    if entries is None:
+        return None
+    return [None if entry is None else {
+        str(token): {"logprob": _finite(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
+        for token, lp in entry.items()
+    } for entry in entries]
 
 
 def _top(entry: dict[int, Logprob], num: int, keep: int | None = None) -> list[tuple[int, Logprob]]:

@@ -24,6 +24,8 @@ A counter's exposed name ends in `_total` (Prometheus' rule; prometheus_client a
 | vllm:num_preemptions_total                  | counter   | model_name                          | sequences preempted because the KV cache ran out |
 | vllm:prompt_tokens_total                    | counter   | model_name                          | prompt tokens processed (each request's prompt once) |
 | vllm:generation_tokens_total                | counter   | model_name                          | tokens generated |
+| vllm:prefix_cache_queries_total             | counter   | model_name                          | prompt tokens looked up in the prefix cache |
+| vllm:prefix_cache_hits_total                | counter   | model_name                          | of those, tokens found cached |
 | vllm:request_success_total                  | counter   | model_name, finished_reason         | requests finished, by reason (stop, length, abort) |
 | vllm:time_to_first_token_seconds            | histogram | model_name                          | request start to its first generated token |
 | vllm:inter_token_latency_seconds            | histogram | model_name                          | time between generated tokens, one sample per token |
@@ -42,6 +44,8 @@ A counter's exposed name ends in `_total` (Prometheus' rule; prometheus_client a
 | loraplex:lora_cache_hits_total              | counter   | model_name, lora_name               | needed and found resident (device slot or CPU cache) |
 | loraplex:lora_cache_misses_total            | counter   | model_name, lora_name               | needed and read from disk again |
 | loraplex:lora_evictions_total               | counter   | model_name, lora_name               | evicted from a device slot or from the CPU cache |
+| loraplex:lora_prefix_cache_queries_total    | counter   | model_name, lora_name               | prompt tokens of the adapter looked up in the prefix cache |
+| loraplex:lora_prefix_cache_hits_total       | counter   | model_name, lora_name               | of those, tokens found cached (KV of this adapter version) |
 | loraplex:lora_time_to_first_token_seconds   | histogram | model_name, lora_name               | time to first token of the adapter's requests |
 | loraplex:lora_resolver_outcomes_total       | counter   | model_name, resolver, outcome       | answers of each resolver asked for an unknown adapter: |
 |                                             |           |                                     | found, not_found, error, timeout, invalid |
@@ -80,6 +84,12 @@ _ADAPTER_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("cache_hits", "loraplex:lora_cache_hits", "Times the LoRA adapter was needed and found in a device slot or the CPU cache."),
     ("cache_misses", "loraplex:lora_cache_misses", "Times the LoRA adapter was needed and had to be read from disk."),
     ("evictions", "loraplex:lora_evictions", "Evictions of the LoRA adapter from a device slot or the CPU cache."),
+)
+
+# PrefixCacheStats field -> (series name without `_total`, help)
+_ADAPTER_PREFIX_CACHE_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("queries", "loraplex:lora_prefix_cache_queries", "Prompt tokens of the LoRA adapter's requests looked up in the prefix cache."),
+    ("hits", "loraplex:lora_prefix_cache_hits", "Prompt tokens of the LoRA adapter's requests found in the prefix cache."),
 )
 
 
@@ -202,6 +212,10 @@ class _EngineCollector(Collector):
         yield _counter("vllm:prompt_tokens", "Number of prefill tokens processed.", model, stats.prompt_tokens_total)
         yield _counter("vllm:generation_tokens", "Number of generation tokens processed.", model,
                        stats.generation_tokens_total)
+        yield _counter("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
+                       model, stats.prefix_cache_queries)
+        yield _counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+                       model, stats.prefix_cache_hits)
         engine = self.engine.engine
         if engine.lora_manager is None:
             return
@@ -214,6 +228,11 @@ class _EngineCollector(Collector):
             family = CounterMetricFamily(name, documentation, labels=["model_name", "lora_name"])
             for lora_name, adapter in stats.lora_stats.items():
                 family.add_metric([self.model_name, lora_name], getattr(adapter, field))
+            yield family
+        for field, name, documentation in _ADAPTER_PREFIX_CACHE_COUNTERS:
+            family = CounterMetricFamily(name, documentation, labels=["model_name", "lora_name"])
+            for lora_name, counts in stats.lora_prefix_cache.items():
+                family.add_metric([self.model_name, lora_name], getattr(counts, field))
             yield family
         outcomes = CounterMetricFamily("loraplex:lora_resolver_outcomes",
                                        "Answers of each LoRA resolver asked for an unknown adapter, by outcome.",

@@ -1,8 +1,8 @@
 """Request bodies of the OpenAI-compatible API (OpenAI's fields, plus vLLM's sampling extras).
 
 Unknown fields are ignored, as OpenAI's own API does, so clients that send more than loraplex
-uses keep working. Fields OpenAI defines but loraplex cannot honour (penalties, logit_bias,
-echo, suffix, ...) are accepted only at their neutral value: anything else is a 400 that names
+uses keep working. Fields loraplex cannot honour (echo, suffix, best_of above n, vLLM's
+use_beam_search) are accepted only at their neutral value: anything else is a 400 that names
 the field, never a silently different answer. Responses are plain dicts built by the serving
 modules, in OpenAI's shapes.
 """
@@ -37,10 +37,9 @@ class SamplingFields(OpenAIBaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # OpenAI fields that loraplex serves only at their neutral value
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     # vLLM's extra sampling fields
     top_k: int | None = None
     min_p: float | None = None
@@ -51,16 +50,33 @@ class SamplingFields(OpenAIBaseModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     repetition_penalty: float | None = None
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = None
     return_tokens_as_token_ids: bool = False
+    use_beam_search: bool = False
 
     def check_supported(self) -> None:
         """400 for any field set to something loraplex cannot serve."""
-        _neutral("presence_penalty", self.presence_penalty, (None, 0.0))
-        _neutral("frequency_penalty", self.frequency_penalty, (None, 0.0))
-        _neutral("repetition_penalty", self.repetition_penalty, (None, 1.0))
-        _neutral("logit_bias", self.logit_bias, (None, {}))
+        _neutral("use_beam_search", self.use_beam_search, (False,))
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed with stream=true; remove it or set stream to true")
+        if self.prompt_logprobs is not None and self.stream:
+            raise InvalidRequestError("prompt_logprobs are not available when stream=true; "
+                                      "remove prompt_logprobs or set stream to false")
+
+    def token_logit_bias(self) -> dict[int, float] | None:
+        """`logit_bias` with its keys as token ids (JSON object keys are strings)."""
+        if self.logit_bias is None:
+            return None
+        bias = {}
+        for token, value in self.logit_bias.items():
+            try:
+                bias[int(token)] = value
+            except ValueError:
+                raise InvalidRequestError(f"logit_bias key {token!r} is not a token id; the keys of logit_bias must be "
+                                          "integer token ids written as strings, e.g. {\"50256\": -100}") from None
+        return bias
 
 
 class CompletionRequest(SamplingFields):
@@ -78,7 +94,8 @@ class CompletionRequest(SamplingFields):
         _neutral("echo", self.echo, (None, False))
         _neutral("suffix", self.suffix, (None, ""))
         if self.best_of is not None and self.best_of != self.n:
-            raise InvalidRequestError(f"best_of={self.best_of} is not supported (only best_of equal to n); remove best_of")
+            raise InvalidRequestError(f"best_of={self.best_of} is not supported (only best_of equal to n, as in vLLM's "
+                                      "V1 engine, which dropped it); remove best_of")
 
 
 class TextPart(OpenAIBaseModel):

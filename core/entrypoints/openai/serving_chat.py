@@ -15,7 +15,7 @@ from ...errors import InvalidRequestError
 from ...outputs import CompletionOutput, RequestOutput
 from ...tokenizer import apply_chat_template
 from .generation import EngineRequest, IndexedOutputs
-from .logprobs import TokenNamer, chat_logprobs
+from .logprobs import TokenNamer, chat_logprobs, prompt_logprobs_json
 from .protocol import ChatCompletionRequest, ChatMessage
 from .serving_engine import OpenAIServing, random_id, server_sent_events, usage
 
@@ -81,7 +81,9 @@ class _Answer:
             choices.append({"index": completion.index, "message": {"role": "assistant", "content": completion.text},
                             "logprobs": self._logprobs(completion), "finish_reason": completion.finish_reason,
                             "stop_reason": completion.stop_reason})
-        return {**self._envelope("chat.completion", choices), "usage": self._usage()}
+        # vLLM's extra: the prompt's logprobs, once for the response (prompt_logprobs is refused with stream)
+        return {**self._envelope("chat.completion", choices), "usage": self._usage(),
+                "prompt_logprobs": prompt_logprobs_json(final.prompt_logprobs if final else None)}
 
     async def chunks(self, outputs: IndexedOutputs) -> AsyncIterator[dict[str, Any]]:
         options = self.body.stream_options

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ...errors import InvalidRequestError
 from ...outputs import CompletionOutput, RequestOutput
 from .generation import EngineRequest, IndexedOutputs
-from .logprobs import TokenNamer, completion_logprobs
+from .logprobs import TokenNamer, completion_logprobs, prompt_logprobs_json
 from .protocol import CompletionRequest
 from .serving_engine import OpenAIServing, random_id, server_sent_events, usage
 
@@ -86,7 +86,9 @@ class _Answer:
         for prompt_index, output in sorted(finals.items()):
             for completion in output.outputs:
                 self.completion_tokens += len(completion.token_ids)
-                choices.append(self._choice(prompt_index, completion))
+                # vLLM's extra: each choice carries its prompt's logprobs (prompt_logprobs is refused with stream)
+                choices.append({**self._choice(prompt_index, completion),
+                                "prompt_logprobs": prompt_logprobs_json(output.prompt_logprobs)})
         choices.sort(key=lambda choice: choice["index"])
         return {**self._envelope(choices), "usage": self._usage()}
 

@@ -70,6 +70,13 @@ class OpenAIServing:
             skip_special_tokens=body.skip_special_tokens,
             spaces_between_special_tokens=body.spaces_between_special_tokens,
             output_kind=RequestOutputKind.DELTA,
+            presence_penalty=0.0 if body.presence_penalty is None else body.presence_penalty,
+            frequency_penalty=0.0 if body.frequency_penalty is None else body.frequency_penalty,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            logit_bias=body.token_logit_bias(),
+            bad_words=body.bad_words,
+            allowed_token_ids=body.allowed_token_ids,
+            prompt_logprobs=body.prompt_logprobs,
         )
 
 

@@ -10,7 +10,6 @@ nothing a resolver does not serve.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from http import HTTPStatus
 from typing import Any
@@ -34,16 +33,16 @@ class ServingModels:
         self.model_path = inner.args.model or str(inner.model_path)
         self.base_names = {self.served_model_name, self.model_path, str(inner.model_path)}
         self._created = int(time.time())
-        self._admin = asyncio.Lock()  # one load or unload at a time: id allocation and name checks stay consistent
+        self._admin = asyncio.Lock()  # one load or unload at a time: name checks stay consistent
 
     @property
     def lora_enabled(self) -> bool:
-        return self.engine.engine.lora_manager is not None
+        return self.engine.engine.lora_catalog is not None
 
     def adapters(self) -> dict[str, LoRARequest]:
         """The adapters added so far, by name (a snapshot)."""
-        manager = self.engine.engine.lora_manager
-        return {} if manager is None else dict(manager.registered)
+        catalog = self.engine.engine.lora_catalog
+        return {} if catalog is None else catalog.list_adapters()
 
     async def lora_request_for(self, model: str | None) -> LoRARequest | None:
         """The adapter `model` names; None for the base model. LoRAAdapterNotFoundError (404) otherwise."""
@@ -77,24 +76,19 @@ class ServingModels:
     # ---- runtime adapter management (VLLM_ALLOW_RUNTIME_LORA_UPDATING) -------------------------
 
     async def load_lora_adapter(self, body: LoadLoRAAdapterRequest) -> Response:
-        if not body.lora_name or not body.lora_path:
-            return error_response(HTTPStatus.BAD_REQUEST, "Both 'lora_name' and 'lora_path' must be provided.",
-                                  "lora_name" if not body.lora_name else "lora_path")
+        refused = load_request_problem(body, self.base_names)
+        if refused is not None:
+            return refused
         name = body.lora_name
-        if name in self.base_names:
-            return error_response(HTTPStatus.BAD_REQUEST, f"'{name}' names the base model, so requests could never "
-                                  "reach an adapter by that name; choose another lora_name", "lora_name")
         async with self._admin:
             known = self.adapters().get(name)
             if known is not None and not body.load_inplace:
-                return error_response(
-                    HTTPStatus.BAD_REQUEST,
-                    f"The lora adapter '{name}' has already been loaded. If you want to load the adapter in place, "
-                    "set 'load_inplace' to True.", "lora_name")
-            lora_id = known.lora_int_id if known is not None else await self._next_lora_id()
-            request = LoRARequest(name, lora_id, body.lora_path)
-            if body.load_inplace:
-                request = dataclasses.replace(request, load_inplace=True)
+                return already_loaded(name)
+            if not self.lora_enabled:
+                return error_response(HTTPStatus.BAD_REQUEST, "LoRA adapters are off on this server; start it with "
+                                      "--enable-lora to load adapters", "lora_name")
+            request = self.engine.engine.lora_catalog.request_for(name, body.lora_path, load_inplace=body.load_inplace)
+            # an in-place reload answers once the new weights serve
             await self.engine.add_lora(request)  # errors: 404 no such adapter, 400 invalid (see errors.STATUS_OF)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
@@ -105,21 +99,37 @@ class ServingModels:
             adapters = self.adapters()
             name = body.lora_name or next((n for n, r in adapters.items() if r.lora_int_id == body.lora_int_id), None)
             if name is None or name not in adapters:
-                shown = body.lora_name if body.lora_name else f"with id {body.lora_int_id}"
-                return error_response(HTTPStatus.NOT_FOUND, f"The lora adapter '{shown}' cannot be found.", "lora_name")
+                return adapter_not_found(body)
             try:
                 await self.engine.remove_lora(name)
             except LoRAError as exc:  # still in use: try again once its requests end
                 return error_response(HTTPStatus.CONFLICT, str(exc), "lora_name")
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
-    async def _next_lora_id(self) -> int:
-        """One past the largest id in use (callers hold the admin lock). Temporary: the engine is to
-        allocate adapter ids itself, in one place, and this helper then goes."""
-        return max(await self.engine.list_loras(), default=0) + 1
+
+def load_request_problem(body: LoadLoRAAdapterRequest, base_names: set[str]) -> Response | None:
+    """The 400 for a load request that cannot be right whatever is loaded; None if it may be."""
+    if not body.lora_name or not body.lora_path:
+        return error_response(HTTPStatus.BAD_REQUEST, "Both 'lora_name' and 'lora_path' must be provided.",
+                              "lora_name" if not body.lora_name else "lora_path")
+    if body.lora_name in base_names:
+        return error_response(HTTPStatus.BAD_REQUEST, f"'{body.lora_name}' names the base model, so requests could "
+                              "never reach an adapter by that name; choose another lora_name", "lora_name")
+    return None
+
+
+def already_loaded(name: str) -> Response:
+    return error_response(HTTPStatus.BAD_REQUEST, f"The lora adapter '{name}' has already been loaded. If you want to "
+                          "load the adapter in place, set 'load_inplace' to True.", "lora_name")
+
+
+def adapter_not_found(body: UnloadLoRAAdapterRequest) -> Response:
+    shown = body.lora_name if body.lora_name else f"with id {body.lora_int_id}"
+    return error_response(HTTPStatus.NOT_FOUND, f"The lora adapter '{shown}' cannot be found.", "lora_name")
 
 
 async def add_lora_modules(engine: AsyncLLMEngine, modules: list[dict[str, str]]) -> None:
-    """Add the --lora-modules adapters (ids 1, 2, ...), each checked now: a bad one stops the start."""
-    for lora_id, module in enumerate(modules, start=1):
-        await engine.add_lora(LoRARequest(module["name"], lora_id, module["path"], module.get("base_model_name")))
+    """Add the --lora-modules adapters (ids from the catalog), each checked now: a bad one stops the start."""
+    catalog = engine.engine.lora_catalog  # on: --lora-modules turns LoRA on
+    for module in modules:
+        await engine.add_lora(catalog.request_for(module["name"], module["path"], module.get("base_model_name")))

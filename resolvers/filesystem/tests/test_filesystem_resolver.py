@@ -52,6 +52,16 @@ class TestFilesystemConformance(ResolverConformance):
         return FilesystemResolver(root)
 
     @pytest.fixture
+    def publish_adapter(self, tmp_path: Path):
+        """An operator replacing the folder (the resolver serves the source itself: no copy to go stale)."""
+
+        def publish(lora_name: str, adapter_dir: Path) -> None:
+            shutil.rmtree(tmp_path / "loras" / lora_name, ignore_errors=True)
+            shutil.copytree(adapter_dir, tmp_path / "loras" / lora_name)
+
+        return publish
+
+    @pytest.fixture
     def base_model_name(self, base_model_path: Path) -> str:
         return str(base_model_path)
 

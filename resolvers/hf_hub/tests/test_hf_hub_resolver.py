@@ -48,6 +48,21 @@ class TestHfHubConformance(ResolverConformance):
         return str(base_model_path)
 
     @pytest.fixture
+    def publish_adapter(self, hub: FakeHub):
+        """A push to the repo: the folder's files replaced, a new commit on main."""
+
+        def publish(lora_name: str, adapter_dir: Path) -> None:
+            repo, subpath = split_lora_name(lora_name)
+            kept = {path: data for path, data in hub.repos.get(repo, {}).items() if not path.startswith(f"{subpath}/")}
+            hub.add_repo(repo, {**kept, **hub.folder_files(adapter_dir, f"{subpath}/")})
+
+        return publish
+
+    @pytest.fixture
+    def fresh_lora_name(self) -> str:
+        return "test-org/loras/fresh"
+
+    @pytest.fixture
     def known_lora_name(self) -> str:
         return "test-org/loras/known"
 
@@ -94,6 +109,18 @@ def test_a_subpath_downloads_only_that_adapter(hub: FakeHub, tmp_path: Path, ada
     assert all("/chat/v2/adapter_" in path for path in hub.downloaded()), hub.downloaded()
     assert len(hub.downloaded()) == 2
     assert resolve(resolver, "test-org/loras/sql").lora_path.endswith("/sql")
+
+
+def test_a_trailing_slash_names_the_same_folder_as_in_vllm(hub: FakeHub, tmp_path: Path, adapter_files) -> None:
+    hub.add_repo("test-org/loras", {**adapter_files(), **adapter_files("chat/v2/")})
+    resolver = make_resolver(hub, tmp_path, ["test-org/loras"])
+    root = resolve(resolver, "test-org/loras/")
+    assert root is not None and root.lora_name == "test-org/loras/"  # the name as the client wrote it
+    assert (Path(root.lora_path) / "adapter_config.json").is_file() and Path(root.lora_path).name != "v2"
+    sub = resolve(resolver, "test-org/loras/chat/v2/")
+    assert sub is not None and sub.lora_name == "test-org/loras/chat/v2/"
+    assert Path(sub.lora_path).parts[-2:] == ("chat", "v2")
+    assert resolve(resolver, "test-org/loras//chat") is None  # an empty component inside stays refused
 
 
 def test_a_cached_adapter_is_served_when_the_hub_is_down(hub: FakeHub, tmp_path: Path, adapter_files) -> None:

@@ -57,6 +57,18 @@ class TestS3Conformance(ResolverConformance):
         return str(base_model_path)
 
     @pytest.fixture
+    def publish_adapter(self, bucket, base_model_path: Path):
+        """An upload over the adapter's folder (stale files deleted), in the per-base-model layout."""
+
+        def publish(lora_name: str, adapter_dir: Path) -> None:
+            prefix = f"loras/{base_model_path.name}/{lora_name}/"
+            for item in bucket.client.list_objects_v2(Bucket=bucket.name, Prefix=prefix).get("Contents", []):
+                bucket.client.delete_object(Bucket=bucket.name, Key=item["Key"])
+            bucket.upload_dir(adapter_dir, prefix)
+
+        return publish
+
+    @pytest.fixture
     def known_lora_name(self) -> str:
         return "known"
 

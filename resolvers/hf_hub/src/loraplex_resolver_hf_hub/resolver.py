@@ -31,7 +31,8 @@ def split_lora_name(lora_name: str) -> tuple[str, str] | None:
 
 
 class HfHubResolver(LoRAResolver):
-    """Resolves `org/repo` and `org/repo/subpath` for repos in `repo_list` from the Hugging Face Hub.
+    """Resolves `org/repo` and `org/repo/subpath` (a trailing `/` allowed, as in vLLM) for repos
+    in `repo_list` from the Hugging Face Hub.
 
     Only `adapter_config.json` and `adapter_model.*` under the subpath are downloaded, with
     `huggingface_hub.snapshot_download` into the Hugging Face cache (`cache_dir`, default the
@@ -66,11 +67,14 @@ class HfHubResolver(LoRAResolver):
         return f"HfHubResolver({self.repo_list!r}{where})"
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
-        problem = name_problem(lora_name)
+        # vLLM's Hub resolver takes `org/repo/` and `org/repo/subpath/` as the folder they name; the
+        # request keeps the name as the client wrote it
+        name = lora_name.rstrip("/") if isinstance(lora_name, str) else lora_name
+        problem = name_problem(name)
         if problem is not None:
             logger.warning("%s: refusing LoRA adapter name %r: %s", RESOLVER_NAME, lora_name, problem)
             return None
-        split = split_lora_name(lora_name)
+        split = split_lora_name(name)
         if split is None:
             logger.debug("%s: %r is not a Hub repo id ('org/repo' or 'org/repo/subpath')", RESOLVER_NAME, lora_name)
             return None

@@ -1,53 +1,14 @@
-"""Turning what a caller passed as `lora_request` into a LoRARequest."""
+"""Adapters named by a Hugging Face Hub id (`org/repo` or `org/repo/subpath`), for the catalog's
+Python-API lookup only: nothing reached over HTTP downloads except through an enabled resolver."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import InvalidLoRAAdapterError, LoRAAdapterNotFoundError
 from .adapter_dir import name_parts, name_problem
-from .request import LoRARequest
 
-
-def lora_request_from(
-    value: LoRARequest | str,
-    registered: dict[str, LoRARequest],
-    resolve: Callable[[str], LoRARequest] | None = None,
-) -> LoRARequest:
-    """A LoRARequest as is; a string as an added adapter's name, a local directory, an adapter the
-    resolvers find (`resolve`, given when resolution is enabled), or a Hub repo id."""
-    if isinstance(value, LoRARequest):
-        return value
-    if not isinstance(value, str) or not value:
-        raise LoRAAdapterNotFoundError(f"lora_request must be a LoRARequest or a non-empty string; got {value!r}")
-    if value in registered:
-        return registered[value]
-    next_id = max((r.lora_int_id for r in registered.values()), default=0) + 1
-    path = _local_dir(value)
-    if path is not None:
-        return LoRARequest(value, next_id, str(path))
-    if resolve is not None:
-        try:
-            return resolve(value)
-        except LoRAAdapterNotFoundError as miss:
-            if hub_id_problem(value) is not None:
-                raise
-            try:
-                return LoRARequest(value, next_id, download_adapter(value))
-            except LoRAAdapterNotFoundError as exc:
-                raise LoRAAdapterNotFoundError(f"{miss}. Nor from the Hub: {exc}") from exc
-    return LoRARequest(value, next_id, download_adapter(value))
-
-
-def _local_dir(value: str) -> Path | None:
-    """`value` as an existing local directory (`~` expanded), or None; a name the filesystem
-    cannot even look up (too long, an unknown `~user`) is simply not one."""
-    try:
-        path = Path(value).expanduser()
-        return path if path.is_dir() else None
-    except (OSError, RuntimeError, ValueError):
-        return None
+__all__ = ["download_adapter", "hub_id_problem"]
 
 
 def hub_id_problem(value: str) -> str | None:
