@@ -23,6 +23,13 @@ bench_lora.py makes them):
    waiting for a slot to free up. The three servers run side by side, idle but for the one
    measured, in `--repeats` alternating rounds; the server's own counters (/metrics) confirm
    that every churn request activated its adapter (and read it from disk in the disk variant).
+   Then the same with one client per adapter, on the resident and the CPU-cache servers: more
+   adapters run at once than there are slots, so half the requests also wait for a running
+   request to finish and free one.
+
+Both sides run with the same OMP_WAIT_POLICY (`--omp-wait-policy`, passive by default; see
+subprocess_env). The CPU time of each side's threads is printed too: on a shared machine it
+moves less than wall time, and it shows what the HTTP side costs.
 
 Run: `cd benchmarks && ../.venv/bin/python bench_server.py` (adapters are written once under
 --workdir); `--quick` for a smoke run, `--markdown` for the rows of docs/benchmarks.md.
@@ -257,9 +264,10 @@ class OfflineWorker:
                                         env=env)
         self._answer()  # ready: the model is loaded
 
-    def run(self) -> tuple[float, list[str]]:
-        """Generated tokens per second of one run, and each request's text."""
-        self.process.stdin.write("run\n")
+    def run(self, command: str = "run") -> tuple[float, list[str]]:
+        """Generated tokens per second of one run, and each request's text ("warm": the first
+        max_num_seqs requests only)."""
+        self.process.stdin.write(command + "\n")
         self.process.stdin.flush()
         answer = self._answer()
         return answer["tok_s"], answer["texts"]
@@ -290,10 +298,11 @@ def offline_worker_main(config_json: str) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=work.max_tokens, ignore_eos=True)
     print("RESULT {}", flush=True)
     for command in sys.stdin:
-        if command.strip() != "run":
+        if command.strip() not in ("run", "warm"):
             break
+        count = len(prompts) if command.strip() == "run" else config["options"]["max_num_seqs"]
         start = time.perf_counter()
-        outputs = llm.generate(prompts, params, lora_request=requests, use_tqdm=False)
+        outputs = llm.generate(prompts[:count], params, lora_request=requests[:count], use_tqdm=False)
         elapsed = time.perf_counter() - start
         tokens = sum(len(out.outputs[0].token_ids) for out in outputs)
         texts = [out.outputs[0].text for out in outputs]
@@ -356,6 +365,10 @@ class CpuSplit:
                 self.others += spent
         return result
 
+    @property
+    def total(self) -> float:
+        return self.main + self.others
+
     def per_k_tokens(self, tokens: int) -> str:
         return f"{self.main / tokens * 1e3:.2f} s main thread + {self.others / tokens * 1e3:.2f} s other threads"
 
@@ -376,9 +389,10 @@ def throughput(args: argparse.Namespace, adapters: list[Path], log_dir: Path) ->
         offline = OfflineWorker(adapters, options, work, log_dir, env)
         try:
             server.wait_ready()
-            # one untimed pass on each side: every adapter loaded, every batch shape seen once
-            offline.run()
-            drive(server.url, items, work.max_tokens, args.clients)
+            # untimed, on each side: as many requests as run at once (every adapter loaded, the
+            # batch shapes of the timed runs seen)
+            offline.run("warm")
+            drive(server.url, items[:args.clients], work.max_tokens, args.clients)
             server_tps, offline_tps, records = [], [], []
             server_cpu, offline_cpu, client_cpu = CpuSplit(), CpuSplit(), CpuSplit()
             for round_index in range(args.repeats):
@@ -416,7 +430,8 @@ def throughput(args: argparse.Namespace, adapters: list[Path], log_dir: Path) ->
     print(f"same greedy text, server and offline (last round): {same}/{work.requests}")
     tokens = work.requests * work.max_tokens * args.repeats
     print(f"CPU seconds per 1000 tokens: server {server_cpu.per_k_tokens(tokens)}; offline {offline_cpu.per_k_tokens(tokens)}; "
-          f"the benchmark's clients {(client_cpu.main + client_cpu.others) / tokens * 1e3:.2f} s")
+          f"the benchmark's clients {client_cpu.total / tokens * 1e3:.2f} s")
+    print(f"server CPU / offline CPU, same tokens: {server_cpu.total / offline_cpu.total:.3f}")
     setting = f"{work.requests} requests / {work.adapters} adapters, {args.clients} clients, {work.max_tokens} tokens"
     return [
         f"| {setting} | {max(server_tps):.1f} | {max(offline_tps):.1f} | {ratio:.3f}x ({ratios[0]:.3f} to {ratios[-1]:.3f}) "
@@ -429,59 +444,70 @@ def throughput(args: argparse.Namespace, adapters: list[Path], log_dir: Path) ->
 def churn(args: argparse.Namespace, adapters: list[Path], log_dir: Path) -> list[str]:
     """TTFT with adapters cycling through half as many slots as adapters, against all resident."""
     slots = max(1, args.adapters // 2)
-    clients = slots  # never more adapters running at once than there are slots
     work = Work(args.churn_requests, args.adapters, args.churn_max_tokens)
     items = work.items()
-    variants = {  # max_num_seqs as in the throughput runs (it must be at least max_loras)
+    options = {  # max_num_seqs as in the throughput runs (it must be at least max_loras)
         "all resident": engine_options(args.clients, args.adapters, args.adapters),
         "churn, CPU cache": engine_options(args.clients, slots, args.adapters),
         "churn, disk": engine_options(args.clients, slots, slots),
     }
+    # (run, its server, its clients, the run it is compared with). With `slots` clients no more
+    # adapters run at once than there are slots; with one client per adapter, half the requests
+    # also wait for a slot to free up, that is for a running request to finish.
+    runs = [("all resident", "all resident", slots, "all resident"),
+            ("churn, CPU cache", "churn, CPU cache", slots, "all resident"),
+            ("churn, disk", "churn, disk", slots, "all resident")]
+    if args.adapters <= args.clients:
+        crowd = f"{args.adapters} clients"
+        runs += [(f"all resident, {crowd}", "all resident", args.adapters, f"all resident, {crowd}"),
+                 (f"churn, CPU cache, {crowd}", "churn, CPU cache", args.adapters, f"all resident, {crowd}")]
     print(f"\n== TTFT under adapter churn: {work.requests} requests cycling over {work.adapters} adapters, "
-          f"{work.max_tokens} tokens each, {clients} clients; max_loras {slots} (churn) or {args.adapters} (resident)")
+          f"{work.max_tokens} tokens each, {slots} clients (and {args.adapters}); max_loras {slots} (churn) "
+          f"or {args.adapters} (resident)")
     env = subprocess_env(args.omp_wait_policy)
-    servers = {label: Server(label, adapters, options, log_dir, env) for label, options in variants.items()}
-    ttfts: dict[str, list[float]] = {label: [] for label in servers}
-    counts: dict[str, dict[str, float]] = {}
+    servers = {label: Server(label, adapters, opts, log_dir, env) for label, opts in options.items()}
+    ttfts: dict[str, list[float]] = {run: [] for run, _, _, _ in runs}
+    counts: dict[str, dict[str, float]] = {run: {} for run, _, _, _ in runs}
     try:
         for server in servers.values():
             server.wait_ready()
-            drive(server.url, items, work.max_tokens, clients)  # untimed: adapters loaded, batch shapes seen
-        before = {label: server.counters() for label, server in servers.items()}
+            drive(server.url, items, work.max_tokens, slots)  # untimed: adapters loaded, batch shapes seen
         for round_index in range(args.repeats):
-            for label, server in list(servers.items())[:: 1 if round_index % 2 == 0 else -1]:
-                records, _ = drive(server.url, items, work.max_tokens, clients)
-                ttfts[label].extend(r.ttft for r in records)
-        for label, server in servers.items():
-            after = server.counters()
-            counts[label] = {name: after.get(name, 0.0) - before[label].get(name, 0.0) for name in after}
+            for run, label, clients, _ in runs[:: 1 if round_index % 2 == 0 else -1]:
+                before = servers[label].counters()
+                records, _ = drive(servers[label].url, items, work.max_tokens, clients)
+                after = servers[label].counters()
+                ttfts[run].extend(r.ttft for r in records)
+                for name, value in after.items():
+                    counts[run][name] = counts[run].get(name, 0.0) + value - before.get(name, 0.0)
     finally:
         for server in servers.values():
             server.stop()
     total = work.requests * args.repeats
-    base = percentile(ttfts["all resident"], 50)
     rows = []
-    for label, values in ttfts.items():
-        c = counts[label]
-        activations = int(c.get("loraplex:lora_activations_total", 0))
-        loads = int(c.get("loraplex:lora_loads_total", 0))
-        ratio = percentile(values, 50) / base
-        target = "" if label == "all resident" else f" (target <= 10x) {verdict(ratio <= 10)}"
-        print(f"{label:<18} TTFT {ms(values)}; x{ratio:.2f} of all resident (p50){target}; "
-              f"{activations} activations, {loads} disk loads for {total} requests")
-        rows.append(f"| {label} | {percentile(values, 50) * 1e3:.1f} ms | {percentile(values, 99) * 1e3:.1f} ms "
-                    f"| {ratio:.2f}x | {activations} / {loads} of {total} |")
+    for run, _, _, base_run in runs:
+        values = ttfts[run]
+        activations = int(counts[run].get("loraplex:lora_activations_total", 0))
+        loads = int(counts[run].get("loraplex:lora_loads_total", 0))
+        load_ms = counts[run].get("loraplex:lora_load_seconds_total", 0.0) / max(loads, 1) * 1e3
+        load = f"{load_ms:.1f} ms" if loads else "-"
+        ratio = percentile(values, 50) / percentile(ttfts[base_run], 50)
+        target = "" if run == base_run else f" (target <= 10x) {verdict(ratio <= 10)}"
+        print(f"{run:<28} TTFT {ms(values)}; x{ratio:.2f} of {base_run} (p50){target}; "
+              f"{activations} activations, {loads} disk loads ({load} each) for {total} requests")
+        rows.append(f"| {run} | {percentile(values, 50) * 1e3:.1f} ms | {percentile(values, 99) * 1e3:.1f} ms "
+                    f"| {ratio:.2f}x | {activations} / {loads} of {total} | {load} |")
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=16, help="concurrent streaming clients (throughput)")
-    parser.add_argument("--requests", type=int, default=64, help="requests per throughput round")
+    parser.add_argument("--requests", type=int, default=48, help="requests per throughput round")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per throughput request")
     parser.add_argument("--adapters", type=int, default=8,
                         help="adapters the requests cycle over; the churn servers have half as many slots")
-    parser.add_argument("--churn-requests", type=int, default=32, help="requests per adapter-churn round")
+    parser.add_argument("--churn-requests", type=int, default=24, help="requests per adapter-churn round")
     parser.add_argument("--churn-max-tokens", type=int, default=16, help="tokens per adapter-churn request")
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds of each measurement")
     parser.add_argument("--omp-wait-policy", choices=("passive", "active", "default"), default="passive",
@@ -517,15 +543,16 @@ def main() -> None:
           f"all-linear adapters; {args.repeats} rounds; OMP_WAIT_POLICY {args.omp_wait_policy}; server logs in {log_dir}")
     start = time.perf_counter()
     rows = throughput(args, adapters, log_dir)
+    middle = time.perf_counter()
     churn_rows = [] if args.skip_churn else churn(args, adapters, log_dir)
-    print(f"\n({time.perf_counter() - start:.0f} s)")
+    print(f"\n(throughput {middle - start:.0f} s, adapter churn {time.perf_counter() - middle:.0f} s)")
     if args.markdown:
         print("\n| work | server tok/s | offline tok/s | server / offline (median, range) | TTFT p50 / p99 "
               "| ITL p50 / p99 | same greedy text | target |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
         print("\n".join(rows))
         if churn_rows:
-            print("\n| adapters | TTFT p50 | TTFT p99 | p50 / all resident | activations / disk loads |\n"
-                  "| --- | --- | --- | --- | --- |")
+            print("\n| adapters | TTFT p50 | TTFT p99 | p50 / all resident (same clients) | activations / disk loads "
+                  "| one disk load |\n| --- | --- | --- | --- | --- | --- |")
             print("\n".join(churn_rows))
 
 
