@@ -13,7 +13,9 @@
 #   VENV         the virtual environment                        (.venv)
 #   TORCH        pip arguments that install torch; empty = keep the venv's torch as it is
 #   PYTEST_ARGS  extra pytest arguments for `make test`         (e.g. PYTEST_ARGS='-k embedded -x')
-#   ARGS         extra arguments for `make serve`
+#   ARGS         extra arguments for `make serve` (a MODEL, more flags)
+#   SERVE_ARGS   the demo flags `make serve` adds after ARGS: the two demo adapters under
+#                examples/adapters/ by --lora-modules; `SERVE_ARGS=` serves without them
 #
 # A CUDA machine: either `make TORCH='torch==2.13.0 --index-url <a CUDA wheel index>' serve`, or
 # create .venv yourself, install your CUDA torch into it, and run `make TORCH= serve`.
@@ -26,7 +28,11 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
+DEMO_ADAPTERS := examples/adapters/SmolLM2-135M-Instruct
+SERVE_ARGS ?= --enable-lora --max-loras 4 --lora-modules sql=$(DEMO_ADAPTERS)/sql json-extract=$(DEMO_ADAPTERS)/json-extract
 ARGS ?=
+DEMO_ADAPTERS := examples/adapters/SmolLM2-135M-Instruct
+SERVE_ARGS ?= --enable-lora --max-loras 4 --lora-modules sql=$(DEMO_ADAPTERS)/sql json-extract=$(DEMO_ADAPTERS)/json-extract
 
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -38,7 +44,8 @@ BENCHMARKS := $(wildcard benchmarks/bench_*.py)
 .PHONY: help install serve test bench clean distclean
 
 help:
-	@echo "make serve   set up .venv if needed, then serve the embedded model (SmolLM2-135M-Instruct) over an"
+	@echo "make serve   set up .venv if needed, then serve the embedded model (SmolLM2-135M-Instruct) with the demo"
+	@echo "             adapters sql and json-extract (examples/adapters/) over an"
 	@echo "             OpenAI-compatible API on http://127.0.0.1:8000 (ARGS=... for loraplex serve's flags)"
 	@echo "make test    set up .venv if needed, then run the test suite (PYTEST_ARGS=... to pass options)"
 	@echo "make bench   run the benchmark scripts benchmarks/bench_*.py"
@@ -61,9 +68,13 @@ endif
 
 install: $(STAMP)
 
-# The OpenAI-compatible server on the embedded model (or ARGS='MODEL --flags ...').
+# The OpenAI-compatible server on the embedded model with the demo adapters (or ARGS='MODEL --flags ...'
+# SERVE_ARGS=). Runtime adapter loading and the filesystem resolver over examples/adapters/ are on
+# unless the environment sets them: the server listens on 127.0.0.1 only.
 serve: $(STAMP)
-	$(VENV)/bin/loraplex serve $(ARGS)
+	VLLM_ALLOW_RUNTIME_LORA_UPDATING="$${VLLM_ALLOW_RUNTIME_LORA_UPDATING:-True}" \
+	VLLM_LORA_RESOLVER_CACHE_DIR="$${VLLM_LORA_RESOLVER_CACHE_DIR:-$(CURDIR)/examples/adapters}" \
+	$(VENV)/bin/loraplex serve $(ARGS) $(SERVE_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -1,7 +1,8 @@
 """Held-out evaluation of the demo adapters: scoring one answer, and the rates of each adapter and
-of the base model on the same held-out items, offline with loraplex's Python API.
+of the base model on the same held-out items, offline with loraplex's Python API or over HTTP.
 
     python examples/demo_eval.py [--adapters examples/adapters/SmolLM2-135M-Instruct] [--items 50] [--seed 0]
+    python examples/demo_eval.py --server http://127.0.0.1:8000     # after `make serve`
 
 Scoring:
 - sql: the answer's SQL and the reference SQL run with sqlite3 on a database built from the
@@ -113,7 +114,7 @@ def _payload(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# offline evaluation
+# evaluation, offline or over HTTP
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,29 @@ def evaluate_offline(llm: LLM, adapters: dict[str, str | Path], count: int, seed
             for task, lora in runs]
 
 
+def evaluate_server(base_url: str, base_model: str, count: int, seed: int = 0, concurrency: int = 16) -> list[Score]:
+    """Rates of each task's adapter (served under the task's name) and of the base model (served
+    as `base_model`), on `count` held-out items per task, asked of the OpenAI-compatible server at
+    `base_url` (`http://host:port`) by `concurrency` clients at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="EMPTY", max_retries=0, timeout=600.0)
+    runs = [(task, task) for task in TASKS] + [(task, base_model) for task in TASKS]  # (task, model asked)
+    items = {task: heldout_items(task, count, seed) for task in TASKS}
+
+    def answer(model: str, prompt: str) -> str:
+        reply = client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0, stop=[STOP])
+        return reply.choices[0].text
+
+    with client, ThreadPoolExecutor(concurrency) as pool:
+        texts = {(task, model): list(pool.map(answer, [model] * count, [item.prompt for item in items[task]]))
+                 for task, model in runs}
+    return [score_answers(task, None if model == base_model else model, items[task], texts[(task, model)])
+            for task, model in runs]
+
+
 def score_answers(task: str, adapter: str | None, items: Sequence[SqlItem | PersonItem], texts: Sequence[str]) -> Score:
     """The Score of answers `texts` to `items` (however they were generated: offline, over HTTP)."""
     if len(items) != len(texts):
@@ -171,10 +195,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--adapters", type=Path, default=ADAPTERS_DIR, help="directory holding sql/ and json-extract/")
     parser.add_argument("--items", type=int, default=50, help="held-out items per task")
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out items")
+    parser.add_argument("--server", metavar="URL", help="ask a running server instead (e.g. http://127.0.0.1:8000 "
+                        "after `make serve`): the adapters by their task names, the base model by --served-model-name")
+    parser.add_argument("--served-model-name", default="SmolLM2-135M-Instruct", help="the server's name of the base model")
     args = parser.parse_args(argv)
-    adapters = {task: args.adapters / task for task in TASKS}
-    llm = demo_llm(max(adapter_rank(path) for path in adapters.values()))
-    for score in evaluate_offline(llm, adapters, args.items, args.seed):
+    if args.server:
+        scores = evaluate_server(args.server.rstrip("/"), args.served_model_name, args.items, args.seed)
+    else:
+        adapters = {task: args.adapters / task for task in TASKS}
+        scores = evaluate_offline(demo_llm(max(adapter_rank(path) for path in adapters.values())), adapters, args.items, args.seed)
+    for score in scores:
         print(score)
     return 0
 

@@ -23,3 +23,14 @@ def embedded_model_path() -> Path:
     from loraplex.model_loader.embedded import embedded_model_dir
 
     return embedded_model_dir()
+
+
+@pytest.fixture(scope="session")
+def make_serve(tmp_path_factory, embedded_model_path: Path):
+    """`make serve` from a fresh clone of this repository (the README's server, with the demo
+    adapters), shared by the README and demo-adapter tests; stopped at the end of the session."""
+    from server_helpers import MakeServe
+
+    server = MakeServe(Path(__file__).resolve().parents[1], tmp_path_factory.mktemp("fresh") / "loraplex")
+    yield server
+    server.stop()

@@ -10,9 +10,14 @@ module (see the module fixtures); `free_port()` serves subprocess servers too.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -95,3 +100,57 @@ def assert_error(response: httpx.Response, status: int, *fragments: str) -> dict
     for fragment in fragments:
         assert fragment in error["message"], f"{fragment!r} not in {error['message']!r}"
     return error
+
+
+class MakeServe:
+    """`make serve` run in a fresh clone of this repository, as a user runs it: the Makefile's
+    own command line, the adapters and examples as committed.
+
+    The install step is the one `make test` has just run (the same Makefile rule): the clone uses
+    this interpreter's virtual environment and `make -o` marks its stamp as up to date, so the
+    clone does not install everything a second time. `url` reaches the server; `stop()` ends it
+    and every process it started.
+    """
+
+    def __init__(self, root: Path, clone: Path, timeout: float = 300.0) -> None:
+        subprocess.run(["git", "clone", "--quiet", str(root), str(clone)], check=True)
+        venv = Path(sys.prefix)
+        self.clone = Path(clone)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.clone / "make-serve.log"
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("VLLM_PLUGINS", "LORAPLEX_PLUGINS_STRICT", "VLLM_LORA_RESOLVER_CACHE_DIR",
+                            "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "MAKEFLAGS", "MFLAGS")}
+        command = ["make", "serve", f"VENV={venv}", f"ARGS=--port {self.port}", "-o", f"{venv}/.loraplex-installed"]
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(command, cwd=self.clone, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"make serve exited {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"make serve did not answer /health within {timeout:.0f} s:\n{self.log()}")
+            time.sleep(0.5)
+        self.http = httpx.Client(base_url=self.url, timeout=120.0)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGINT)  # make and the server it started
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if hasattr(self, "http"):
+            self.http.close()

@@ -1,5 +1,5 @@
 """The demo adapters under examples/adapters/: their held-out data, their scoring, the committed
-files, and their rates against the base model's, served offline by loraplex in one mixed batch."""
+files, and their rates against the base model's, asked of `make serve` over HTTP."""
 
 from __future__ import annotations
 
@@ -132,9 +132,10 @@ def test_committed_adapter_is_a_small_plain_peft_lora(task: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def scores(embedded_model_path: Path) -> dict[tuple[str, str | None], demo_eval.Score]:
-    llm = demo_eval.demo_llm(max(demo_eval.adapter_rank(path) for path in ADAPTERS.values()))
-    return {(s.task, s.adapter): s for s in demo_eval.evaluate_offline(llm, ADAPTERS, HELDOUT_ITEMS)}
+def scores(make_serve) -> dict[tuple[str, str | None], demo_eval.Score]:
+    """Held-out rates of each adapter and of the base model, asked of `make serve` over HTTP."""
+    scores = demo_eval.evaluate_server(make_serve.url, "SmolLM2-135M-Instruct", HELDOUT_ITEMS)
+    return {(s.task, s.adapter): s for s in scores}
 
 
 @pytest.mark.parametrize("task", demo_tasks.TASKS)
@@ -142,3 +143,4 @@ def test_adapter_answers_heldout_items_the_base_model_cannot(scores, task: str) 
     adapter, base = scores[(task, task)], scores[(task, None)]
     assert adapter.rate >= 0.8, str(adapter)
     assert base.rate <= 0.2, str(base)
+

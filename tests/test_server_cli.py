@@ -65,6 +65,8 @@ def test_flags_reach_engine_args() -> None:
                                  {"name": "b", "path": "/adapters/b", "base_model_name": "org/model"}]
     assert (args.host, args.port, args.api_key) == ("0.0.0.0", 9000, "k")
     assert engine_args_from(parse("--model", "m", "--enable-lora")).model == "m"
+    repeated = parse("--lora-modules", "a=/adapters/a", "--max-loras", "2", "--lora-modules", "c=/adapters/c")
+    assert [module["name"] for module in repeated.lora_modules] == ["a", "c"]  # as `make serve ARGS=...` relies on
 
 
 def test_bad_values_are_refused_before_loading(capsys) -> None:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ..config import EngineArgs
 
 MODEL, BATCHING, LORA, SERVER = "Model", "Batching and memory", "LoRA adapters", "Server"
+MULTIMODAL = "Multi-modal (vision-language models)"
 VLLM = "Accepted for vLLM compatibility (see docs/vllm-compatibility.md)"
 
 # EngineArgs field -> (group, help); the default is appended from the field itself
@@ -49,9 +50,19 @@ ENGINE_FLAGS: dict[str, tuple[str, str]] = {
     "max_lora_rank": (LORA, "the highest adapter rank accepted"),
     "max_cpu_loras": (LORA, "adapters cached in CPU memory (default: --max-loras)"),
     "lora_dtype": (LORA, "dtype adapters are kept in: auto (the model's), float32, bfloat16, float16"),
+    "limit_mm_per_prompt": (MULTIMODAL, 'JSON: the most items of each modality in one prompt, e.g. \'{"image": 4}\' '
+                                        "(default: 999 each)"),
+    "default_mm_loras": (MULTIMODAL, 'JSON: an adapter applied to requests carrying a modality that name no adapter, '
+                                     'e.g. \'{"image": "/adapters/vision"}\' (implies --enable-lora)'),
+    "allowed_local_media_path": (MULTIMODAL, "let chat messages read file:// images under this directory "
+                                             "(a security risk: trusted clients only)"),
+    "allowed_media_domains": (MULTIMODAL, "let chat messages fetch http(s) images from these hosts (default: none)"),
 }
+# fields whose flag takes JSON (EngineArgs parses it) or several values
+_JSON_FIELDS = ("limit_mm_per_prompt", "default_mm_loras")
+_LIST_FIELDS = ("allowed_media_domains",)
 _OTHER = "Engine"
-_GROUP_ORDER = (MODEL, BATCHING, LORA, _OTHER, VLLM, SERVER)
+_GROUP_ORDER = (MODEL, BATCHING, LORA, MULTIMODAL, _OTHER, VLLM, SERVER)
 
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
@@ -77,8 +88,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> dict[str, argparse.
                 group, text = _OTHER, f"EngineArgs.{field.name}"
             _add_field(groups[group], field, hints[field.name], text)
     groups[LORA].add_argument(
-        "--lora-modules", nargs="+", default=[], type=lora_module, metavar="NAME=PATH",
-        help='adapters to serve from the start: NAME=PATH, or JSON {"name": ..., "path": ..., "base_model_name": ...}',
+        "--lora-modules", nargs="+", action="extend", default=[], type=lora_module, metavar="NAME=PATH",
+        help='adapters to serve from the start: NAME=PATH, or JSON {"name": ..., "path": ..., "base_model_name": ...}; '
+             "repeated flags add up",
     )
     return groups
 
@@ -105,7 +117,8 @@ def engine_args_from(args: argparse.Namespace, enable_lora: bool = False) -> Eng
 
     values = {field.name: getattr(args, field.name) for field in dataclasses.fields(EngineArgs)
               if field.init and field.name != "model"}
-    values["enable_lora"] = bool(values.get("enable_lora")) or bool(args.lora_modules) or enable_lora
+    values["enable_lora"] = (bool(values.get("enable_lora")) or bool(args.lora_modules) or bool(values.get("default_mm_loras"))
+                             or enable_lora)
     return EngineArgs(model=args.model_flag or args.model, **values)
 
 
@@ -117,6 +130,12 @@ def _add_field(group: argparse._ArgumentGroup, field: dataclasses.Field, hint: A
         default = field.default_factory()
     else:
         raise TypeError(f"EngineArgs.{field.name} has no default; `loraplex serve` needs one to make it a flag")
+    if field.name in _JSON_FIELDS:
+        group.add_argument(flag, dest=field.name, default=default, metavar="JSON", help=text)
+        return
+    if field.name in _LIST_FIELDS:
+        group.add_argument(flag, dest=field.name, nargs="+", default=default, metavar="HOST", help=text)
+        return
     kind = _plain_type(hint)
     if kind is bool:
         action = argparse.BooleanOptionalAction if default else "store_true"
