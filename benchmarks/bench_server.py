@@ -27,6 +27,15 @@ bench_lora.py makes them):
    adapters run at once than there are slots, so half the requests also wait for a running
    request to finish and free one.
 
+3. Long prompts arriving during steady decoding. `--stall-streams` streaming clients decode
+   `--stall-tokens` tokens each (cycling over the adapters) while long prompts
+   (`--long-prompt-tokens` token ids each, all different, so the prefix cache cannot help) arrive
+   one after another; the inter-token latency of the steady streams while the long prompts are
+   prefilled (from the first one's arrival to the last one's first token), p50 / p99 / max, on a
+   server with chunked prefill (the default; `--stall-budget` as max_num_batched_tokens, the
+   engine's default when 0) against one with whole-prompt prefill (`--no-enable-chunked-prefill`),
+   side by side in `--repeats` alternating rounds. Target: p99 at least 3x lower with chunking.
+
 Both sides run with the same OMP_WAIT_POLICY (`--omp-wait-policy`, passive by default; see
 subprocess_env). The CPU time of each side's threads is printed too: on a shared machine it
 moves less than wall time, and it shows what the HTTP side costs.
@@ -117,7 +126,8 @@ def free_port() -> int:
 class Server:
     """`loraplex serve` in a subprocess on 127.0.0.1, its output in a log file."""
 
-    def __init__(self, label: str, adapters: list[Path], options: dict[str, int], log_dir: Path, env: dict[str, str]) -> None:
+    def __init__(self, label: str, adapters: list[Path], options: dict[str, int], log_dir: Path, env: dict[str, str],
+                 extra_flags: tuple[str, ...] = ()) -> None:
         self.label = label
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -126,7 +136,7 @@ class Server:
         modules = [f"{adapter_name(i)}={path}" for i, path in enumerate(adapters)]
         command = [*_loraplex_command(), "serve", "--enable-lora", *flags, "--lora-modules", *modules,
                    "--host", "127.0.0.1", "--port", str(self.port), "--uvicorn-log-level", "warning",
-                   "--disable-log-requests"]
+                   "--disable-log-requests", *extra_flags]
         self._log = self.log_path.open("w")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 
@@ -199,10 +209,13 @@ class Record:
         return [b - a for a, b in zip(self.chunks, self.chunks[1:])]
 
 
-async def _complete(client: httpx.AsyncClient, prompt: str, model: str, max_tokens: int) -> Record:
+async def _complete(client: httpx.AsyncClient, prompt: str | list[int], model: str, max_tokens: int,
+                    record: Record | None = None) -> Record:
+    """Stream one completion; `record` (if given) fills as chunks arrive, for a caller that watches."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
-    record = Record(sent=time.perf_counter())
+    record = record or Record(sent=0.0)
+    record.sent = time.perf_counter()
     text = []
     async with client.stream("POST", "/v1/completions", json=body) as response:
         if response.status_code != 200:
@@ -500,6 +513,79 @@ def churn(args: argparse.Namespace, adapters: list[Path], log_dir: Path) -> list
     return rows
 
 
+def long_prompts(count: int, length: int, seed: int) -> list[list[int]]:
+    """`count` prompts of `length` token ids each, different from their first token on."""
+    import random
+
+    generator = random.Random(seed)
+    return [[generator.randrange(1000, 40000) for _ in range(length)] for _ in range(count)]
+
+
+async def _stall_round(url: str, steady: list[tuple[str, str]], longs: list[list[int]], steady_tokens: int,
+                       model: str) -> tuple[list[Record], list[Record]]:
+    """The steady streams, and the long prompts sent one after another once every stream decodes."""
+    limits = httpx.Limits(max_connections=len(steady) + 1, max_keepalive_connections=len(steady) + 1)
+    async with httpx.AsyncClient(base_url=url, timeout=600.0, limits=limits) as client:
+        steady_records = [Record(sent=0.0) for _ in steady]
+        streams = [asyncio.create_task(_complete(client, prompt, name, steady_tokens, record))
+                   for (prompt, name), record in zip(steady, steady_records)]
+        while not all(len(record.chunks) >= 2 for record in steady_records):  # every stream decoding
+            if any(task.done() for task in streams):
+                await asyncio.gather(*streams)  # raises what went wrong
+                raise RuntimeError("a steady stream ended before the others started; raise --stall-tokens")
+            await asyncio.sleep(0.02)
+        long_records = [await _complete(client, prompt, model, 4) for prompt in longs]
+        await asyncio.gather(*streams)
+    return steady_records, long_records
+
+
+def long_prompt_stall(args: argparse.Namespace, adapters: list[Path], log_dir: Path) -> list[str]:
+    """p99 ITL of steady streams while long prompts arrive: chunked prefill against whole prompts."""
+    clients = max(args.stall_streams + 1, args.adapters)  # max_loras = --adapters needs that many sequences
+    options = engine_options(clients, args.adapters, args.adapters)
+    budget = {"max_num_batched_tokens": args.stall_budget} if args.stall_budget else {}
+    setups = {"chunked prefill": ({**options, **budget}, ()),
+              "whole prompts": (options, ("--no-enable-chunked-prefill",))}
+    steady = [(prompt, adapter_name(i % args.adapters)) for i, prompt in enumerate(benchmark_prompts(args.stall_streams))]
+    print(f"\n== Long prompts during steady decoding: {args.stall_streams} streams x {args.stall_tokens} tokens over "
+          f"{args.adapters} adapters; {args.long_prompts} prompts of {args.long_prompt_tokens} tokens arrive one after "
+          f"another; chunk budget {args.stall_budget or 'the engine default'}")
+    env = subprocess_env(args.omp_wait_policy)
+    servers = {label: Server(label, adapters, opts, log_dir, env, flags) for label, (opts, flags) in setups.items()}
+    gaps: dict[str, list[float]] = {label: [] for label in servers}
+    long_ttft: dict[str, list[float]] = {label: [] for label in servers}
+    try:
+        for server in servers.values():
+            server.wait_ready()
+            drive(server.url, steady, 4, len(steady))  # untimed: adapters loaded
+        for round_index in range(args.repeats):
+            labels = list(servers)[:: 1 if round_index % 2 == 0 else -1]
+            for label in labels:
+                longs = long_prompts(args.long_prompts, args.long_prompt_tokens, seed=round_index * 2 + labels.index(label))
+                steady_records, long_records = asyncio.run(
+                    _stall_round(servers[label].url, steady, longs, args.stall_tokens, adapter_name(0)))
+                start, end = long_records[0].sent, long_records[-1].chunks[0]
+                if max(r.chunks[-1] for r in steady_records) < end:
+                    print(f"  warning: the steady streams ended before the last long prompt's first token ({label}); "
+                          "raise --stall-tokens")
+                for record in steady_records:
+                    gaps[label] += [b - a for a, b in zip(record.chunks, record.chunks[1:]) if b > start and a < end]
+                long_ttft[label] += [r.ttft for r in long_records]
+    finally:
+        for server in servers.values():
+            server.stop()
+    chunked, whole = gaps["chunked prefill"], gaps["whole prompts"]
+    ratio = percentile(whole, 99) / percentile(chunked, 99)
+    for label in servers:
+        values = gaps[label]
+        print(f"{label:<16} steady ITL while prefilling {ms(values)}, max {max(values) * 1e3:.0f} ms ({len(values)} gaps); "
+              f"long prompt TTFT p50 {percentile(long_ttft[label], 50) * 1e3:.0f} ms")
+    print(f"p99 ITL, whole prompts / chunked prefill: {ratio:.1f}x (target >= 3x) {verdict(ratio >= 3)}")
+    return [f"| {label} | {percentile(gaps[label], 50) * 1e3:.0f} ms | {percentile(gaps[label], 99) * 1e3:.0f} ms "
+            f"| {max(gaps[label]) * 1e3:.0f} ms | {percentile(long_ttft[label], 50) * 1e3:.0f} ms |" for label in servers] + [
+        f"| whole / chunked (p99) | | {ratio:.1f}x ({verdict(ratio >= 3)}, target >= 3x) | | |"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=16, help="concurrent streaming clients (throughput)")
@@ -516,7 +602,15 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/loraplex-bench-adapters"))
     parser.add_argument("--quick", action="store_true", help="a small run, to check that everything works")
     parser.add_argument("--markdown", action="store_true", help="print the table rows for docs/benchmarks.md")
-    parser.add_argument("--skip-churn", action="store_true", help="measure throughput only")
+    parser.add_argument("--stall-streams", type=int, default=8, help="steady streams while long prompts arrive")
+    parser.add_argument("--stall-tokens", type=int, default=256, help="tokens of each steady stream")
+    parser.add_argument("--long-prompts", type=int, default=3, help="long prompts per round, one after another")
+    parser.add_argument("--long-prompt-tokens", type=int, default=4096, help="tokens of each long prompt")
+    parser.add_argument("--stall-budget", type=int, default=0,
+                        help="max_num_batched_tokens of the chunked-prefill server (0: the engine's default)")
+    parser.add_argument("--only", choices=("throughput", "churn", "stall"), action="append",
+                        help="run only these measurements (repeatable; default: all three)")
+    parser.add_argument("--skip-churn", action="store_true", help="measure throughput only (as --only throughput)")
     parser.add_argument("--offline-worker", metavar="CONFIG", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.offline_worker:
@@ -525,6 +619,7 @@ def main() -> None:
     if args.quick:
         args.clients, args.requests, args.max_tokens, args.adapters = 4, 8, 8, 4
         args.churn_requests, args.churn_max_tokens, args.repeats = 8, 4, 1
+        args.stall_streams, args.stall_tokens, args.long_prompts, args.long_prompt_tokens = 2, 64, 1, 512
     if args.adapters < 2 or args.clients < 1 or args.requests < 1 or args.max_tokens < 1 or args.repeats < 1:
         parser.error("--adapters must be at least 2, and --clients, --requests, --max-tokens, --repeats at least 1")
     if args.adapters > args.clients:
@@ -541,20 +636,27 @@ def main() -> None:
     log_dir.mkdir(exist_ok=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; rank-{LORA_RANK} "
           f"all-linear adapters; {args.repeats} rounds; OMP_WAIT_POLICY {args.omp_wait_policy}; server logs in {log_dir}")
-    start = time.perf_counter()
-    rows = throughput(args, adapters, log_dir)
-    middle = time.perf_counter()
-    churn_rows = [] if args.skip_churn else churn(args, adapters, log_dir)
-    print(f"\n(throughput {middle - start:.0f} s, adapter churn {time.perf_counter() - middle:.0f} s)")
+    only = set(args.only or (["throughput"] if args.skip_churn else ["throughput", "churn", "stall"]))
+    timings, rows, churn_rows, stall_rows = [], [], [], []
+    for name, measure, into in (("throughput", throughput, rows), ("churn", churn, churn_rows),
+                                ("stall", long_prompt_stall, stall_rows)):
+        if name in only:
+            start = time.perf_counter()
+            into += measure(args, adapters, log_dir)
+            timings.append(f"{name} {time.perf_counter() - start:.0f} s")
+    print(f"\n({', '.join(timings)})")
     if args.markdown:
-        print("\n| work | server tok/s | offline tok/s | server / offline (median, range) | TTFT p50 / p99 "
-              "| ITL p50 / p99 | same greedy text | target |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
-        print("\n".join(rows))
+        if rows:
+            print("\n| work | server tok/s | offline tok/s | server / offline (median, range) | TTFT p50 / p99 "
+                  "| ITL p50 / p99 | same greedy text | target |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+            print("\n".join(rows))
         if churn_rows:
             print("\n| adapters | TTFT p50 | TTFT p99 | p50 / all resident (same clients) | activations / disk loads "
                   "| one disk load |\n| --- | --- | --- | --- | --- | --- |")
             print("\n".join(churn_rows))
-
+        if stall_rows:
+            print("\n| server | steady ITL p50 | p99 | max | long prompt TTFT p50 |\n| --- | --- | --- | --- | --- |")
+            print("\n".join(stall_rows))
 
 if __name__ == "__main__":
     main()
