@@ -10,7 +10,7 @@ slot (`max_loras = --prompts`), the points of one engine alternating over `--rep
 
 Prints the table of docs/operator-guide.md and writes the plot (PNG) and the figures (JSON):
 
-    .venv/bin/pip install matplotlib      # the plot only
+    .venv/bin/pip install -e ".[bench]"   # matplotlib, for the plot only
     cd benchmarks && ../.venv/bin/python bench_adapter_count.py --plot ../docs/images/throughput-vs-adapters.png
     ../.venv/bin/python bench_adapter_count.py --replot ../docs/images/throughput-vs-adapters.json --plot ...
 """
@@ -71,7 +71,7 @@ def plot(figures: dict, path: Path) -> None:
     try:
         import matplotlib
     except ImportError as exc:
-        raise SystemExit("the plot needs matplotlib: .venv/bin/pip install matplotlib") from exc
+        raise SystemExit("the plot needs matplotlib: pip install -e '.[bench]' (or pip install matplotlib)") from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import numbers
 import os
 import re
@@ -54,6 +55,14 @@ class EngineArgs(VllmCompatArgs):
     prompt no longer stalls every stream; max_num_batched_tokens may then be below
     max_model_len. Off, a prompt is prefilled in one step or waits.
 
+    Multi-modal models (LLaVA): limit_mm_per_prompt caps the items of each modality one prompt
+    may carry ({"image": N}; default 999 each, as vLLM). default_mm_loras maps a modality to an
+    adapter path that is applied to every request carrying that modality and naming no adapter
+    of its own (vLLM's rules; see docs/multimodal.md); it needs enable_lora. The server reads
+    image URLs of chat messages: `data:` URLs always, `file://` URLs under
+    allowed_local_media_path only, http(s) URLs only from the hosts in allowed_media_domains.
+    Both dict options may also be given as JSON strings (the command line's form).
+
     Every field is checked for its type and range (integers are ints, not bools or floats;
     flags are bools); a bad one raises ConfigError naming it.
 
@@ -80,6 +89,10 @@ class EngineArgs(VllmCompatArgs):
     lora_dtype: str = "auto"
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    limit_mm_per_prompt: dict[str, int] | None = None
+    default_mm_loras: dict[str, str] | None = None
+    allowed_local_media_path: str = ""
+    allowed_media_domains: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.model = _path_name("model", self.model)
@@ -117,7 +130,23 @@ class EngineArgs(VllmCompatArgs):
         self.max_cpu_loras = _positive("max_cpu_loras", self.max_cpu_loras, optional=True)
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ConfigError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        self._check_multimodal()
         check_vllm_args(self)
+
+    def _check_multimodal(self) -> None:
+        self.limit_mm_per_prompt = _modality_map("limit_mm_per_prompt", self.limit_mm_per_prompt, "a number of items",
+                                                 lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+        self.default_mm_loras = _modality_map("default_mm_loras", self.default_mm_loras, "an adapter path",
+                                              lambda v: isinstance(v, str) and bool(v.strip()))
+        if self.default_mm_loras and not self.enable_lora:
+            raise ConfigError("default_mm_loras needs LoRA: set enable_lora=True (--enable-lora), or leave "
+                              "default_mm_loras unset")
+        if not isinstance(self.allowed_local_media_path, str):
+            raise ConfigError(f"allowed_local_media_path must be a directory path (a string); got {self.allowed_local_media_path!r}")
+        domains = self.allowed_media_domains
+        if domains is not None and (not isinstance(domains, (list, tuple)) or not all(isinstance(d, str) and d for d in domains)):
+            raise ConfigError(f"allowed_media_domains must be None or a list of host names; got {domains!r}")
+        self.allowed_media_domains = None if domains is None else [d.strip().lower() for d in domains]
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -163,6 +192,29 @@ def _path_name(name: str, value: object) -> str | None:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{name} must be None, a model directory or a Hub repo id (a non-empty string); got {value!r}")
     return value
+
+
+_MODALITIES = ("image",)
+
+
+def _modality_map(name: str, value: object, kind: str, valid) -> dict | None:
+    """A {modality: value} option, given as a dict or a JSON object string."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{name} must be a JSON object such as '{{\"image\": ...}}'; {value!r} is not JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} must map modalities to {kind}s, e.g. {{'image': ...}}; got {value!r}")
+    for modality, item in value.items():
+        if modality not in _MODALITIES:
+            raise ConfigError(f"{name} names modality {modality!r}; loraplex's multi-modal models take "
+                              f"{', '.join(_MODALITIES)}")
+        if not valid(item):
+            raise ConfigError(f"{name}[{modality!r}] must be {kind}; got {item!r}")
+    return dict(value)
 
 
 def _dtype_name(name: str, value: object) -> str:

@@ -115,6 +115,29 @@ def _seconds(name: str, default: float, *, allow_zero: bool) -> float:
     return seconds
 
 
+def image_fetch_timeout() -> float:
+    """`VLLM_IMAGE_FETCH_TIMEOUT`: seconds the server may take to fetch one image URL (default 5, as vLLM)."""
+    return _seconds("VLLM_IMAGE_FETCH_TIMEOUT", 5.0, allow_zero=False)
+
+
+def max_image_bytes() -> int:
+    """`LORAPLEX_MAX_IMAGE_BYTES`: the largest image (encoded bytes) a chat message may carry or point
+    at (default 20 MiB)."""
+    value = os.environ.get("LORAPLEX_MAX_IMAGE_BYTES", "").strip()
+    if not value:
+        return 20 << 20
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit <= 0:
+        from .errors import ConfigError
+
+        raise ConfigError(f"LORAPLEX_MAX_IMAGE_BYTES={value!r} is not a positive whole number of bytes; set it to e.g. "
+                          "20971520 (20 MiB) or unset it for the default")
+    return limit
+
+
 # ---- the S3 resolver package (loraplex-resolver-s3) ------------------------------------------------
 
 

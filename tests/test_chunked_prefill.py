@@ -158,3 +158,13 @@ def test_preemption_during_chunked_prefill_recomputes_exactly(tiny) -> None:
             alone = llm.generate([prompt["prompt"]], p, use_tqdm=False)[0].outputs[0].token_ids
             assert outputs[rid].outputs[0].token_ids == alone, (caching, rid)
         assert engine.scheduler.pool.num_free == engine.scheduler.pool.num_blocks
+
+
+def test_the_default_budget_chunks_long_prompts_on_cpu_and_fits_whole_prompts_without_chunking(tiny) -> None:
+    from loraplex.engine.llm_engine import default_max_num_batched_tokens
+
+    assert tiny.engine("llama").max_num_batched_tokens == 512  # a 2048-token step stalls CPU streams for seconds
+    assert default_max_num_batched_tokens(True, torch.device("cuda"), 8192) == 2048  # vLLM's on a GPU
+    unchunked = tiny.engine("llama", enable_chunked_prefill=False)
+    assert unchunked.max_num_batched_tokens == max(unchunked.max_model_len, 2048)
+    assert tiny.engine("llama", max_num_batched_tokens=64).max_num_batched_tokens == 64

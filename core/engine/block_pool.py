@@ -24,13 +24,17 @@ from ..errors import ConfigError
 BlockHash = bytes
 
 
-def block_hash(parent: BlockHash | None, adapter: Hashable, token_ids: Sequence[int]) -> BlockHash:
-    """The key of a full block: its tokens, everything before them (the parent's hash) and the
-    weights that computed its K/V (`adapter`: None for the base model, else (name, version)).
+def block_hash(parent: BlockHash | None, adapter: Hashable, token_ids: Sequence[int],
+               extra: tuple[bytes, ...] = ()) -> BlockHash:
+    """The key of a full block: its tokens, everything before them (the parent's hash), the
+    weights that computed its K/V (`adapter`: None for the base model, else (name, version)) and
+    `extra`: the content hashes of the images whose placeholder tokens it holds (placeholder
+    tokens are the same for every image; the K/V are not).
 
     SHA-256 over an exact serialisation, not Python's hash(): a collision would serve one
     request another's K/V, so the key must be collision-resistant across adapters too."""
-    return hashlib.sha256(pickle.dumps((parent, adapter, tuple(token_ids)), protocol=5)).digest()
+    key = (parent, adapter, tuple(token_ids), extra) if extra else (parent, adapter, tuple(token_ids))
+    return hashlib.sha256(pickle.dumps(key, protocol=5)).digest()
 
 
 @dataclass

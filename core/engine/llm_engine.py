@@ -20,6 +20,8 @@ from ..lora.catalog import AdapterCatalog
 from ..lora.manager import LoRAManager, LoRAManagerConfig
 from ..lora.request import LoRARequest
 from ..model_loader.loader import load_config, load_model, resolve_model_path
+from ..models import LlavaForConditionalGeneration
+from ..multimodal import ImageInputProcessor, MultiModalInputs, load_image_processor
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from ..tokenizer import load_tokenizer, stop_token_ids_of
@@ -54,6 +56,16 @@ class _Request:
         return all(seq.is_finished for seq in self.seqs)
 
 
+
+def default_max_num_batched_tokens(chunked_prefill: bool, device: torch.device, max_model_len: int) -> int:
+    """The step's token budget when none is given. With chunked prefill, vLLM's 2048 on a GPU; on
+    a CPU 512, where a 512-token step already keeps the cores busy and every running stream waits
+    for the whole step (a 2048-token step of even a 135M model takes seconds on 2 cores). Without
+    it, a whole prompt of max_model_len tokens must fit in one step."""
+    if not chunked_prefill:
+        return max(max_model_len, 2048)
+    return 512 if device.type == "cpu" else 2048
+
 class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
         self.args = args
@@ -61,9 +73,11 @@ class LLMEngine:
         self.dtype = args.torch_dtype(self.device)
         self.model_path = resolve_model_path(args.model, args.revision, args.download_dir)
         self.model_config = load_config(self.model_path)
+        self.text_config = self.model_config.get_text_config()  # the language model's (LLaVA nests it)
         self.tokenizer = load_tokenizer(args.tokenizer or self.model_path)
         self.max_model_len = self._max_model_len()
-        self.max_num_batched_tokens = args.max_num_batched_tokens or max(self.max_model_len, 2048)
+        self.max_num_batched_tokens = args.max_num_batched_tokens or default_max_num_batched_tokens(
+            args.enable_chunked_prefill, self.device, self.max_model_len)
         if self.max_num_batched_tokens < self.max_model_len and not args.enable_chunked_prefill:
             raise ConfigError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than max_model_len "
@@ -79,6 +93,8 @@ class LLMEngine:
         self.lora_manager = self._lora_manager() if args.enable_lora else None
         self.lora_catalog = self._lora_catalog(self.lora_manager) if self.lora_manager is not None else None
         self.lora_resolution = self.lora_catalog.resolution if self.lora_catalog is not None else None
+        self.image_processor = self._image_input_processor()
+        self.default_mm_loras = self._register_default_mm_loras()
         self.scheduler = Scheduler(BlockPool(num_blocks, args.block_size, args.enable_prefix_caching), args.max_num_seqs,
                                    self.max_num_batched_tokens, self.lora_manager, args.enable_chunked_prefill)
         self.runner = ModelRunner(self.model, self.kv_cache, args.block_size, self.device, self.dtype, self.lora_manager)
@@ -95,7 +111,7 @@ class LLMEngine:
     # ---- configuration ------------------------------------------------------------------------
 
     def _max_model_len(self) -> int:
-        limit = getattr(self.model_config, "max_position_embeddings", None) or 2048
+        limit = getattr(self.text_config, "max_position_embeddings", None) or 2048
         if self.args.max_model_len is None:
             return limit
         if self.args.max_model_len > limit:
@@ -134,6 +150,25 @@ class LLMEngine:
         # resolvers get the model as it was named (vLLM passes its `model` argument)
         return AdapterCatalog(manager, LoRAResolverRegistry, self.args.model or self.served_model_name)
 
+    def _image_input_processor(self) -> ImageInputProcessor | None:
+        """What turns a prompt's images into pixel values and placeholders; None for a text-only model."""
+        if not isinstance(self.model, LlavaForConditionalGeneration):
+            return None
+        token_id = self.model.image_token_id
+        limit = (self.args.limit_mm_per_prompt or {}).get("image", 999)
+        return ImageInputProcessor(load_image_processor(self.model_path), token_id,
+                                   self.tokenizer.convert_ids_to_tokens(token_id), self.model.image_feature_size, limit)
+
+    def _register_default_mm_loras(self) -> dict[str, str]:
+        """Add the adapters of `default_mm_loras`, each named after its modality (as vLLM does)."""
+        defaults = self.args.default_mm_loras or {}
+        if defaults and self.image_processor is None:
+            raise ConfigError(f"default_mm_loras is set but the model at {str(self.model_path)!r} takes text only; "
+                              "leave default_mm_loras unset, or serve a vision-language model")
+        for modality in sorted(defaults):
+            self.lora_catalog.register(self.lora_catalog.request_for(modality, defaults[modality]))
+        return {modality: modality for modality in defaults}
+
     def _kv_budget(self) -> int:
         """The KV cache's bytes (see kv_budget): refused when more than the device has left."""
         if self.device.type == "cuda":
@@ -151,7 +186,8 @@ class LLMEngine:
         arrival_time: float | None = None,
         lora_request: LoRARequest | str | None = None,
     ) -> None:
-        """Queue a prompt (text, `{"prompt": ...}` or `{"prompt_token_ids": [...]}`) for generation.
+        """Queue a prompt (text, `{"prompt": ...}` or `{"prompt_token_ids": [...]}`) for generation;
+        a dict prompt may carry images as `"multi_modal_data": {"image": PIL image or list}`.
 
         `lora_request` is a LoRARequest or a string: the name of an adapter already added, a local
         adapter directory, a name the resolvers find, or a Hub repo id (see loraplex.lora.catalog).
@@ -169,12 +205,17 @@ class LLMEngine:
         elif not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params must be a SamplingParams; got {type(params).__name__}")
         params.verify()  # again: a field may have been changed since construction
-        params.update_from_tokenizer(self.tokenizer, self.model_config.vocab_size)
+        params.update_from_tokenizer(self.tokenizer, self.text_config.vocab_size)
         if arrival_time is not None and (isinstance(arrival_time, bool) or not isinstance(arrival_time, (int, float))
                                          or not math.isfinite(arrival_time)):
             raise InvalidRequestError(f"arrival_time must be None or a finite number of seconds; got {arrival_time!r}")
         text, token_ids = self._tokenize(prompt)
+        images = None
+        if isinstance(prompt, dict) and prompt.get("multi_modal_data") is not None:
+            token_ids, images = self._process_images(token_ids, prompt["multi_modal_data"])
         self._validate_prompt(token_ids)
+        if lora_request is None and images is not None:
+            lora_request = self._default_mm_lora(images)
         lora_request = self._lookup_lora(lora_request) if lora_request is not None else None
         adapter_version = self.lora_catalog.version(lora_request.lora_name) if lora_request is not None else 0
         arrival = arrival_time if arrival_time is not None else time.monotonic()
@@ -185,7 +226,8 @@ class LLMEngine:
                 generator = torch.Generator(device=self.device)
                 generator.manual_seed(params.seed + index)
             seq = Sequence(next(self._seq_ids), request_id, index, list(token_ids), params, arrival, generator,
-                           lora_name=lora_request.lora_name if lora_request else None, adapter_version=adapter_version)
+                           lora_name=lora_request.lora_name if lora_request else None, adapter_version=adapter_version,
+                           multi_modal=images.for_sequence() if images is not None else None)
             seqs.append(seq)
         request = _Request(request_id, text, list(token_ids), params, seqs, arrival, lora_request)
         request.metrics["arrival_time"] = arrival
@@ -195,6 +237,20 @@ class LLMEngine:
         self.requests[request_id] = request
         for seq in seqs:
             self.scheduler.add(seq)
+
+    def _process_images(self, token_ids: list[int], multi_modal_data: object) -> tuple[list[int], MultiModalInputs | None]:
+        if self.image_processor is None:
+            raise InvalidRequestError(
+                f"the prompt carries multi_modal_data, but the model {self.served_model_name!r} takes text only; "
+                "send the prompt without images, or serve a vision-language model"
+            )
+        return self.image_processor.process(token_ids, multi_modal_data)
+
+    def _default_mm_lora(self, images: MultiModalInputs) -> str | None:
+        """vLLM's rule for a request that names no adapter: the default adapter of the one modality
+        it carries; none when it carries several modalities that each have one."""
+        names = [self.default_mm_loras[m] for m in sorted(images.modalities) if m in self.default_mm_loras]
+        return names[0] if len(names) == 1 else None
 
     def _lookup_lora(self, lora_request: LoRARequest | str) -> LoRARequest:
         if self.lora_catalog is None:
@@ -326,7 +382,7 @@ class LLMEngine:
                 f"the prompt is {len(token_ids)} tokens long, more than max_model_len={self.max_model_len}; "
                 "shorten the prompt or start the engine with a larger max_model_len"
             )
-        vocab = self.model_config.vocab_size
+        vocab = self.text_config.vocab_size
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab}) of the model; "

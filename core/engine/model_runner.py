@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models import AttentionMetadata, CausalLM
+from ..models import AttentionMetadata, Model
 from ..models.attention import PrefillContext
 from ..lora.manager import LoRAManager
 from .sampler import PromptLogits
@@ -30,7 +30,7 @@ class KVCache:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_cache: KVCache, block_size: int, device: torch.device,
+    def __init__(self, model: Model, kv_cache: KVCache, block_size: int, device: torch.device,
                  dtype: torch.dtype, lora_manager: LoRAManager | None = None) -> None:
         self.model = model
         self.lora_manager = lora_manager
@@ -87,16 +87,59 @@ class ModelRunner:
         )
         if batch.decodes:
             self._decode_layout(batch, meta)
+        ids = torch.tensor(input_ids, **to)
+        inputs_embeds = self._embed_images(batch, ids)  # runs the vision tower first: its own LoRA mapping
         if self.lora_manager is not None:
             self._lora_layout(batch)
-        logits = self.model(
-            torch.tensor(input_ids, **to), torch.tensor(positions, **to), self.kv_cache.layers, meta,
-            torch.tensor(logits_indices, **to),
-        )
+        logits = self.model(ids, torch.tensor(positions, **to), self.kv_cache.layers, meta,
+                            torch.tensor(logits_indices, **to), inputs_embeds=inputs_embeds)
         self.prompt_logits = {}
         if prompt_rows:
             logits, self.prompt_logits = _split_prompt_logits(logits, prompt_rows)
         return logits
+
+    def _embed_images(self, batch: ScheduledBatch, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """The step's input embeddings [T, H] with image embeddings in place of the placeholder
+        tokens its prefill chunks hold; None when they hold none.
+
+        Images not encoded yet are encoded together, once each, each with its request's adapter
+        (LoRA on the tower and projector); a prompt keeps its images' embeddings until it is
+        prefilled, for the chunks still to come.
+        """
+        chunks = [(seq, seq.num_cached_tokens - batch.chunks[seq], seq.num_cached_tokens) for seq in batch.prefills]
+        todo = [(seq, i) for seq, start, end in chunks if seq.multi_modal is not None
+                for i, (offset, length) in enumerate(seq.multi_modal.placeholders)
+                if offset < end and offset + length > start and i not in seq.multi_modal.features]
+        if todo:
+            self._encode_images(todo)
+        rows: list[int] = []
+        pieces: list[torch.Tensor] = []
+        first = 0  # the chunk's first row in the flattened batch
+        for seq, start, end in chunks:
+            images = seq.multi_modal
+            if images is not None:
+                for i, (offset, length) in enumerate(images.placeholders):
+                    low, high = max(start, offset), min(end, offset + length)
+                    if low < high:
+                        rows.extend(range(first + low - start, first + high - start))
+                        pieces.append(images.features[i][low - offset : high - offset])  # [n, H]
+                if end >= len(seq.prompt_token_ids):
+                    images.features.clear()  # prefilled: the embeddings are in the KV cache now
+            first += end - start
+        if not rows:
+            return None
+        return self.model.embed(input_ids, torch.tensor(rows, device=self.device, dtype=torch.long), torch.cat(pieces))
+
+    def _encode_images(self, todo: list[tuple[Sequence, int]]) -> None:
+        model = self.model
+        if self.lora_manager is not None:
+            per_image = model.vision_tower.tokens_per_image
+            slots = [self.lora_manager.slot_of(seq.lora_name) for seq, _ in todo]
+            self.lora_manager.set_step([slot for slot in slots for _ in range(per_image)], self.device)
+        pixels = torch.stack([seq.multi_modal.pixel_values[i] for seq, i in todo]).to(self.device)  # [N, 3, H, W]
+        features = model.encode_images(pixels)  # [N, F, H]
+        for (seq, i), embeds in zip(todo, features):
+            seq.multi_modal.features[i] = embeds
 
     def _lora_layout(self, batch: ScheduledBatch) -> None:
         manager = self.lora_manager

@@ -230,8 +230,10 @@ class Scheduler:
         if len(hashes) < num_blocks:
             bs = self.pool.block_size
             tokens = seq.all_token_ids()
+            images = seq.multi_modal
             for i in range(len(hashes), num_blocks):
-                hashes.append(block_hash(hashes[-1] if hashes else None, adapter, tokens[i * bs:(i + 1) * bs]))
+                extra = images.block_keys(i * bs, (i + 1) * bs) if images is not None else ()
+                hashes.append(block_hash(hashes[-1] if hashes else None, adapter, tokens[i * bs:(i + 1) * bs], extra))
         return hashes[:num_blocks]
 
     def _computed(self, seq: Sequence, num_tokens: int) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..multimodal.inputs import MultiModalInputs
 from ..outputs import Logprob
 from ..sampling_params import SamplingParams
 
@@ -30,6 +31,7 @@ class Sequence:
     generator: torch.Generator | None = None
     lora_name: str | None = None  # the adapter this sequence runs with (None = base model)
     adapter_version: int = 0  # the adapter's weights version (bumped by an in-place reload)
+    multi_modal: MultiModalInputs | None = None  # the prompt's images, if any
     output_token_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # tokens whose K/V sit in the cache

@@ -36,7 +36,7 @@ ENGINE_FLAGS: dict[str, tuple[str, str]] = {
     "max_model_len": (BATCHING, "the longest sequence, prompt and reply, in tokens (default: the model's limit)"),
     "max_num_seqs": (BATCHING, "the most sequences in one batch"),
     "max_num_batched_tokens": (BATCHING, "the most tokens one step processes: decodes, then prefill chunks "
-                                         "(default: max(max-model-len, 2048))"),
+                                         "(default: with chunked prefill 512 on CPU, 2048 on GPU; without, max(max-model-len, 2048))"),
     "block_size": (BATCHING, "tokens per KV cache block"),
     "kv_cache_memory_bytes": (BATCHING, "KV cache size in bytes (default: VLLM_CPU_KVCACHE_SPACE GiB on CPU, "
                                         "--gpu-memory-utilization of a GPU)"),

@@ -5,20 +5,41 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from ..errors import InvalidLoRAAdapterError, LoRAAdapterNotFoundError, LoRAError
-from ..models.weight_map import PACKED_MODULES
+from ..models.llama import LORA_WRAPPED, LoRATarget, decoder_lora_capable, decoder_lora_target
 from .adapter_dir import WEIGHT_FILES, short_model_name
 from .fingerprint import Fingerprint, describe_change, stamp_file
 from .peft_config import AdapterConfig, read_adapter_config, shown
 from .slot_layout import ModuleKey, SlotLayout
 
 # base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight (an adapter name may follow lora_A)
-_WEIGHT = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.((?:self_attn|mlp)\.\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+_WEIGHT = re.compile(r"^(?:base_model\.model\.)?([\w.]+?)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 
 Named = tuple[str, torch.Tensor]  # (key in the weight file, tensor)
+
+
+class LoRATargets(Protocol):
+    """What a served model tells the loader: which of its linears a PEFT module name means."""
+
+    def lora_target(self, module: str) -> LoRATarget | None: ...
+    def lora_capable(self) -> str: ...
+
+
+class _DecoderTargets:
+    """The text decoders' naming, for a layout of their LoRA-capable linears."""
+
+    def __init__(self, layout: SlotLayout) -> None:
+        self.num_layers = 1 + max(layer for layer, name in layout.modules if name in LORA_WRAPPED)
+
+    def lora_target(self, module: str) -> LoRATarget | None:
+        return decoder_lora_target(module, self.num_layers)
+
+    def lora_capable(self) -> str:
+        return decoder_lora_capable(self.num_layers)
 
 
 @dataclass
@@ -43,10 +64,11 @@ class LoRAAdapter:
 
 def load_adapter(
     path: str | Path, name: str, layout: SlotLayout, dtype: torch.dtype, served_names: set[str], pin_memory: bool = False,
-    expected: Fingerprint | None = None,
+    expected: Fingerprint | None = None, model: LoRATargets | None = None,
 ) -> LoRAAdapter:
     """Read, check and scale an adapter; every refusal names the adapter, the reason and the fix.
 
+    `model` maps PEFT module names onto the layout's linears (default: a text decoder's names).
     With `expected` (the fingerprint of an earlier load), files whose content changed since are
     refused before they are parsed: the adapter's name must keep meaning the same weights.
     """
@@ -72,23 +94,24 @@ def load_adapter(
     config = AdapterConfig.from_json(raw_config, name)
     _check_base_model(config, name, served_names)
     pairs = _read_pairs(weight_file, name)
-    num_layers = 1 + max(layer for layer, _ in layout.modules)
-    for layer_index, module_name in pairs:  # first, so that the patterns are matched against real modules only
-        if (layer_index, PACKED_MODULES.get(module_name, ("", 0))[0]) not in layout.modules:
+    targets = model if model is not None else _DecoderTargets(layout)
+    where: dict[str, LoRATarget] = {}
+    for module_name in pairs:  # first, so that the patterns are matched against real modules only
+        target = targets.lora_target(module_name)
+        if target is None or target[0] not in layout.modules:
             raise InvalidLoRAAdapterError(
-                f"LoRA adapter {name!r}: it targets {f'model.layers.{layer_index}.{module_name}'!r}, a module the served "
-                f"model does not have (layers: {num_layers}; LoRA-capable modules: {', '.join(PACKED_MODULES)}); "
-                "use an adapter trained for this model"
+                f"LoRA adapter {name!r}: it targets {module_name!r}, a module the served model does not have or cannot "
+                f"serve with LoRA (LoRA-capable: {targets.lora_capable()}; embedding or lm_head LoRA is not supported); "
+                "use an adapter trained for this model, whose target_modules name only those linears"
             )
-    module_params = config.ranks_and_alphas([f"model.layers.{layer}.{module}" for layer, module in pairs])
+        where[module_name] = target
+    module_params = config.ranks_and_alphas(list(pairs))
     image = torch.zeros(layout.numel, dtype=dtype, pin_memory=pin_memory)  # [numel]
     max_rank = layout.max_rank
     targeted: set[ModuleKey] = set()
     rank_seen = 0
-    for (layer_index, module_name), ((a_key, a), (b_key, b)) in sorted(pairs.items()):
-        full_name = f"model.layers.{layer_index}.{module_name}"
-        packed, slice_index = PACKED_MODULES.get(module_name, ("", 0))
-        key = (layer_index, packed)
+    for full_name, ((a_key, a), (b_key, b)) in sorted(pairs.items()):
+        key, slice_index = where[full_name]
         module = layout.modules[key]
         rank = a.shape[0] if a.dim() == 2 else -1
         out_rows = module.slice_offsets[slice_index + 1] - module.slice_offsets[slice_index]
@@ -157,28 +180,28 @@ def _weight_file(path: Path, name: str) -> Path:
     )
 
 
-def _read_pairs(weight_file: Path, name: str) -> dict[tuple[int, str], tuple[Named, Named]]:
-    """(layer, module) -> ((A's key, A [r, in]), (B's key, B [out, r])), every tensor a floating-point one."""
+def _read_pairs(weight_file: Path, name: str) -> dict[str, tuple[Named, Named]]:
+    """module name (`model.layers.3.self_attn.q_proj`) -> ((A's key, A [r, in]), (B's key, B [out, r])), every tensor a floating-point one."""
     tensors = _read_tensors(weight_file, name)
-    halves: dict[tuple[int, str], dict[str, Named]] = {}
+    halves: dict[str, dict[str, Named]] = {}
     for key, tensor in tensors.items():
         match = _WEIGHT.match(key) if isinstance(key, str) else None
         if match is None:
             raise InvalidLoRAAdapterError(
-                f"LoRA adapter {name!r}: tensor {shown(key)} is not a LoRA A/B weight of a decoder layer's linear "
-                "(embedding or lm_head LoRA is not supported); use an adapter that targets attention/MLP projections only"
+                f"LoRA adapter {name!r}: tensor {shown(key)} is not a LoRA A/B weight of a linear layer "
+                "(embedding or lm_head LoRA is not supported); use an adapter that targets linear projections only"
             )
         if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided or not tensor.is_floating_point():
             kind = f"a {tensor.dtype} tensor" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise InvalidLoRAAdapterError(
                 f"LoRA adapter {name!r}: {key!r} is {kind}, not a dense floating-point tensor; re-export the adapter with PEFT"
             )
-        halves.setdefault((int(match.group(1)), match.group(2)), {})[match.group(3)] = (key, tensor)
+        halves.setdefault(match.group(1), {})[match.group(2)] = (key, tensor)
     pairs = {}
     for key, half in halves.items():
         if set(half) != {"A", "B"}:
             missing = "B" if "A" in half else "A"
-            raise InvalidLoRAAdapterError(f"LoRA adapter {name!r}: lora_{missing} is missing for layer {key[0]} {key[1]}; the weight file is incomplete")
+            raise InvalidLoRAAdapterError(f"LoRA adapter {name!r}: lora_{missing} is missing for {key}; the weight file is incomplete")
         pairs[key] = (half["A"], half["B"])
     return pairs
 

@@ -32,14 +32,12 @@ import torch
 
 from ..errors import ConfigError, LoRAAdapterNotFoundError, LoRAError
 from ..kernels import LoRABatchMapping, native_cpu
-from ..models import CausalLM
+from ..models import Model
 from . import huge_pages
 from .adapter import LoRAAdapter, load_adapter
 from .fingerprint import Fingerprint
 from .layers import LoRALinear, LoRAStepState
 from .slot_layout import ModuleKey, SlotLayout
-
-_WRAPPED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 @dataclass
@@ -73,15 +71,15 @@ class LoRAManagerConfig:
 
 
 class LoRAManager:
-    def __init__(self, model: CausalLM, config: LoRAManagerConfig) -> None:
+    def __init__(self, model: Model, config: LoRAManagerConfig) -> None:
         self.config = config
         self.model = model
         weight = model.embed_tokens.weight
         self.dtype, self.device = config.dtype or weight.dtype, weight.device
         self.state = LoRAStepState()
+        targets = model.lora_modules()  # every LoRA-capable linear: key -> (owner, attribute)
         self.layout = SlotLayout(
-            {(i, name): (getattr(layer, name).in_features, getattr(layer, name).output_sizes)
-             for i, layer in enumerate(model.layers) for name in _WRAPPED},
+            {key: (getattr(owner, name).in_features, getattr(owner, name).output_sizes) for key, (owner, name) in targets.items()},
             config.max_lora_rank,
         )
         shape = (config.max_loras, self.layout.numel)
@@ -92,11 +90,10 @@ class LoRAManager:
         else:
             self.storage = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.layers: dict[ModuleKey, LoRALinear] = {}
-        for (index, name) in self.layout.modules:
-            layer = model.layers[index]
-            wrapped = LoRALinear(getattr(layer, name), *self.layout.views(self.storage, (index, name)), self.state)
-            setattr(layer, name, wrapped)
-            self.layers[(index, name)] = wrapped
+        for key, (owner, name) in targets.items():
+            wrapped = LoRALinear(getattr(owner, name), *self.layout.views(self.storage, key), self.state)
+            setattr(owner, name, wrapped)
+            self.layers[key] = wrapped
         # name -> (directory, fingerprint of its files when added), to read it again after an eviction
         self._sources: dict[str, tuple[str, Fingerprint]] = {}
         self.cpu_cache: OrderedDict[str, LoRAAdapter] = OrderedDict()
@@ -118,7 +115,7 @@ class LoRAManager:
         Pure: it changes nothing here, so the catalog calls it from any thread.
         """
         return load_adapter(path, name, self.layout, self.dtype, self.config.served_names,
-                            pin_memory=self.device.type == "cuda", expected=expected)
+                            pin_memory=self.device.type == "cuda", expected=expected, model=self.model)
 
     def add(self, adapter: LoRAAdapter, load_seconds: float = 0.0) -> None:
         """Know `adapter` (read by `read`) under its name and cache its weights; the name must be new."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-ModuleKey = tuple[int, str]  # (layer index, packed module name such as "qkv_proj")
+from ..models.llama import ModuleKey
 
 _ALIGN = 16  # elements: every view starts 64-byte aligned, as grouped GEMMs and SIMD loads want
 

@@ -1,7 +1,9 @@
-"""Model implementations: the Llama family over a paged KV cache."""
+"""Model implementations: the Llama family over a paged KV cache, and LLaVA on top of it."""
 
 from .attention import AttentionMetadata
 from .llama import CausalLM
-from .registry import SUPPORTED_ARCHITECTURES, build_model
+from .llava import LlavaForConditionalGeneration
+from .registry import SUPPORTED_ARCHITECTURES, Model, build_model
 
-__all__ = ["AttentionMetadata", "CausalLM", "SUPPORTED_ARCHITECTURES", "build_model"]
+__all__ = ["AttentionMetadata", "CausalLM", "LlavaForConditionalGeneration", "Model", "SUPPORTED_ARCHITECTURES",
+           "build_model"]

@@ -7,6 +7,7 @@ MLP bias, sliding-window layers, tied embeddings and the rope type.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import torch
@@ -16,6 +17,11 @@ from transformers import PretrainedConfig
 from .attention import AttentionMetadata, PagedAttention
 from .layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, silu_and_mul
 from .rope import rope_inverse_frequencies
+
+ModuleKey = tuple[int, str]  # a LoRA-capable linear: (layer index, packed module name such as "qkv_proj")
+LoRATarget = tuple[ModuleKey, int]  # a checkpoint module: its packed linear and its slice in it
+LORA_WRAPPED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+_DECODER_MODULE = re.compile(r"^model\.layers\.(\d+)\.((?:self_attn|mlp)\.\w+)$")
 
 
 class DecoderLayer(nn.Module):
@@ -106,13 +112,25 @@ class CausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
         logits_indices: torch.Tensor,  # [B] the tokens whose next-token logits are wanted
+        inputs_embeds: torch.Tensor | None = None,  # [T, H] instead of the tokens' embeddings (images)
     ) -> torch.Tensor:  # [B, V] float32
-        hidden = self.embed_tokens(input_ids)  # [T, H]
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [T, H]
         rotary = self.rotary(positions, hidden.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden = layer(hidden, rotary, kv_cache, meta)
         hidden = self.norm(hidden.index_select(0, logits_indices))  # [B, H]
         return self.lm_head(hidden).float()  # [B, V]
+
+    def lora_modules(self) -> dict[ModuleKey, tuple[nn.Module, str]]:
+        """The linears LoRA can wrap: key -> (owner module, attribute name)."""
+        return {(i, name): (layer, name) for i, layer in enumerate(self.layers) for name in LORA_WRAPPED}
+
+    def lora_target(self, module: str) -> LoRATarget | None:
+        return decoder_lora_target(module, len(self.layers))
+
+    def lora_capable(self) -> str:
+        """The LoRA-capable linears, for error messages."""
+        return decoder_lora_capable(len(self.layers))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Fill parameters from Hugging Face checkpoint names, packing q/k/v and gate/up."""
@@ -124,3 +142,21 @@ class CausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.pack_for_inference()
+
+
+def decoder_lora_target(module: str, num_layers: int) -> LoRATarget | None:
+    """The packed linear and slice of a PEFT module name (`model.layers.3.self_attn.q_proj`) in a
+    decoder of `num_layers` layers; None for a module that is not one of its LoRA-capable linears."""
+    from .weight_map import PACKED_MODULES
+
+    match = _DECODER_MODULE.match(module)
+    if match is None or match.group(2) not in PACKED_MODULES or int(match.group(1)) >= num_layers:
+        return None
+    packed, slice_index = PACKED_MODULES[match.group(2)]
+    return (int(match.group(1)), packed), slice_index
+
+
+def decoder_lora_capable(num_layers: int) -> str:
+    from .weight_map import PACKED_MODULES
+
+    return f"{', '.join(PACKED_MODULES)} of layers 0-{num_layers - 1}"

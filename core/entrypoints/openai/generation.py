@@ -15,6 +15,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from ...engine.async_engine import AsyncLLMEngine
 from ...lora.request import LoRARequest
@@ -34,6 +35,7 @@ class EngineRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     lora_request: LoRARequest | None
+    multi_modal_data: dict[str, Any] | None = None  # {"image": [PIL images]}
 
 
 class Generation:
@@ -66,8 +68,10 @@ class Generation:
                         len(request.prompt_token_ids), request.params)
         timer = self.metrics.request_started(lora_name, len(request.prompt_token_ids))
         finish_reason = None
-        stream = self.engine.generate({"prompt_token_ids": request.prompt_token_ids}, request.params,
-                                      request.request_id, request.lora_request)
+        prompt: dict[str, Any] = {"prompt_token_ids": request.prompt_token_ids}
+        if request.multi_modal_data is not None:
+            prompt["multi_modal_data"] = request.multi_modal_data
+        stream = self.engine.generate(prompt, request.params, request.request_id, request.lora_request)
         try:
             async for output in stream:
                 timer.tokens(sum(len(completion.token_ids) for completion in output.outputs))

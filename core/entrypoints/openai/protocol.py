@@ -9,7 +9,7 @@ modules, in OpenAI's shapes.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -103,18 +103,36 @@ class TextPart(OpenAIBaseModel):
     text: str
 
 
+class ImageURL(OpenAIBaseModel):
+    url: str
+    detail: str | None = None
+
+
+class ImageURLPart(OpenAIBaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImageURLPart, Field(discriminator="type")]
+
+
 class ChatMessage(OpenAIBaseModel):
     model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: passed on to the chat template
 
     role: str
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
 
-    def for_template(self) -> dict[str, Any]:
-        """The message as the chat template takes it: text content as one string."""
+    def for_template(self, image_token: str = "") -> dict[str, Any]:
+        """The message as the chat template takes it: its content as one string, each image part
+        written as the model's image placeholder (`image_token`), where it stands among the text."""
         message = self.model_dump(exclude_none=True)
         if isinstance(self.content, list):
-            message["content"] = "".join(part.text for part in self.content)
+            message["content"] = "".join(part.text if isinstance(part, TextPart) else image_token for part in self.content)
         return message
+
+    def image_urls(self) -> list[str]:
+        return [part.image_url.url for part in self.content or () if isinstance(part, ImageURLPart)] \
+            if isinstance(self.content, list) else []
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -12,6 +12,7 @@ from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from ...errors import InvalidRequestError
+from ...multimodal.media import MediaPolicy, load_image
 from ...outputs import CompletionOutput, RequestOutput
 from ...tokenizer import apply_chat_template
 from .generation import EngineRequest, IndexedOutputs
@@ -21,27 +22,54 @@ from .serving_engine import OpenAIServing, random_id, server_sent_events, usage
 
 
 class OpenAIServingChat(OpenAIServing):
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        options = self.engine.engine.args
+        self.media = MediaPolicy.from_args(options.allowed_local_media_path, options.allowed_media_domains)
+
     async def create_chat_completion(self, body: ChatCompletionRequest) -> Response:
         body.check_supported()
         lora_request = await self.models.lora_request_for(body.model)
+        images = await self._images(body.messages)
+        processor = self.engine.engine.image_processor
+        image_token = processor.image_token if images else ""
         prompt_ids = render_conversation(self.tokenizer, body.messages, body.chat_template, body.add_generation_prompt,
-                                         body.chat_template_kwargs)
+                                         body.chat_template_kwargs, image_token)
+        # the prompt the model sees: each image's placeholder expanded to its embeddings
+        prompt_len = len(prompt_ids) + (len(images) * (processor.feature_size - 1) if images else 0)
         num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        max_tokens = self.max_tokens_for(len(prompt_ids), body.requested_max_tokens)
+        max_tokens = self.max_tokens_for(prompt_len, body.requested_max_tokens)
         request_id = random_id("chatcmpl")
-        request = EngineRequest(request_id, prompt_ids, self.sampling_params(body, max_tokens, num_logprobs), lora_request)
+        request = EngineRequest(request_id, prompt_ids, self.sampling_params(body, max_tokens, num_logprobs), lora_request,
+                                {"image": images} if images else None)
         outputs = await self.generation.start([request])
-        answer = _Answer(request_id, self.response_model(body), body, len(prompt_ids),
+        answer = _Answer(request_id, self.response_model(body), body, prompt_len,
                          TokenNamer(self.tokenizer, body.return_tokens_as_token_ids))
         if body.stream:
             return StreamingResponse(server_sent_events(answer.chunks(outputs)), media_type="text/event-stream")
         return JSONResponse(await answer.whole(outputs))
 
 
+    async def _images(self, messages: list[ChatMessage]) -> list[Any]:
+        """The images of the conversation's `image_url` parts, in order, read under the server's
+        media policy; refused before anything is fetched when the model cannot take them."""
+        urls = [url for message in messages for url in message.image_urls()]
+        if not urls:
+            return []
+        processor = self.engine.engine.image_processor
+        if processor is None:
+            raise InvalidRequestError(f"the messages carry {len(urls)} image(s), but the model "
+                                      f"{self.models.served_model_name!r} takes text only; send text content only")
+        processor.check_count(len(urls))
+        return [await load_image(url, self.media) for url in urls]
+
+
 def render_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[ChatMessage], chat_template: str | None,
-                        add_generation_prompt: bool, chat_template_kwargs: dict[str, Any] | None) -> list[int]:
-    """A conversation's prompt token ids (the template's errors are the request's: 400)."""
-    conversation = [message.for_template() for message in messages]
+                        add_generation_prompt: bool, chat_template_kwargs: dict[str, Any] | None,
+                        image_token: str = "") -> list[int]:
+    """A conversation's prompt token ids (the template's errors are the request's: 400); image
+    parts are written as `image_token`."""
+    conversation = [message.for_template(image_token) for message in messages]
     try:
         return apply_chat_template(tokenizer, conversation, chat_template, add_generation_prompt, chat_template_kwargs)
     except TemplateError as exc:

@@ -16,7 +16,7 @@ class OpenAIServingTokenization:
         engine = models.engine.engine
         self.tokenizer = engine.tokenizer
         self.max_model_len: int = engine.max_model_len
-        self.vocab_size: int = engine.model_config.vocab_size
+        self.vocab_size: int = engine.model_config.get_text_config().vocab_size
 
     async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
         await self.models.lora_request_for(body.model)  # an unknown model is a 404 here too
