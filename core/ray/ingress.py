@@ -9,8 +9,9 @@ as the replica's app sent it (status, headers, body; streams event by event).
 What concerns every replica is answered here: /v1/models (the union of the base model, the
 registered adapters and what any replica resolved), /v1/load_lora_adapter and
 /v1/unload_lora_adapter (through the AdapterRegistry, answered once every live replica has
-applied them), /metrics (every replica's page, a `replica` label on each series), /health and
-/replicas (each replica's pid, adapters held and adapter loads).
+applied them; an unload reaches adapters the replicas' resolvers found too), /metrics (every
+replica's page, a `replica` label on each series), /health and /replicas (each replica's pid,
+the adapters it holds and Serve routes to it, adapter loads).
 
 A replica that dies mid-request: the request fails with 503 and `Retry-After` (in OpenAI's error
 shape, or as the last event of a stream that had begun); Serve starts a replacement, and
@@ -28,8 +29,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from ray import exceptions as ray_exceptions
-from ray.serve import exceptions as serve_exceptions
 
 from .. import __version__
 from ..entrypoints.openai.auth import APIKeyMiddleware
@@ -37,16 +36,9 @@ from ..entrypoints.openai.errors import error_body, error_response, install_erro
 from ..entrypoints.openai.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 from ..entrypoints.openai.serving_models import OWNED_BY, adapter_not_found, already_loaded, load_request_problem
 from .asgi import ForwardedRequest, ResponseStart
+from .faults import REPLICA_FAILURES, RETRY_AFTER_S
 from .metrics import merge_pages
 
-# a replica gone (killed, crashed, being replaced) or none free: the client may retry
-REPLICA_FAILURES: tuple[type[BaseException], ...] = (
-    ray_exceptions.RayActorError,  # ActorDiedError, ActorUnavailableError
-    serve_exceptions.BackPressureError,
-    serve_exceptions.DeploymentUnavailableError,
-    serve_exceptions.ReplicaUnavailableError,
-)
-RETRY_AFTER_S = 1
 SYNC_TIMEOUT_S = 30.0  # how long an admin request waits for every replica to apply it
 
 
@@ -90,7 +82,7 @@ class OpenAIIngress:
     async def forward(self, request: Request) -> Response:
         body = await request.body()
         adapter = await self.adapter_of(body)
-        forwarded = ForwardedRequest(request.method, request.url.path, request.url.query.encode(),
+        forwarded = ForwardedRequest(request.method, route_path(request), request.url.query.encode(),
                                      [(k.lower(), v) for k, v in request.headers.raw], body)
         pieces = self.handle_for(adapter, stream=True).forward.remote(forwarded, adapter)
         try:
@@ -151,8 +143,13 @@ class OpenAIIngress:
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
     async def unload_lora_adapter(self, body: UnloadLoRAAdapterRequest) -> Response:
+        """By name, as vLLM (a `lora_int_id` beside it is accepted and not needed): each replica numbers
+        its adapters itself, so an id alone names no adapter deployment-wide."""
         if not body.lora_name:
-            return error_response(HTTPStatus.BAD_REQUEST, "'lora_name' must be provided.", "lora_name")
+            alone = ("; 'lora_int_id' alone cannot name an adapter here: each Ray Serve replica numbers its adapters "
+                     "itself (GET /v1/models lists the names)") if body.lora_int_id is not None else ""
+            return error_response(HTTPStatus.BAD_REQUEST, f"'lora_name' must be provided to unload a LoRA adapter{alone}.",
+                                  "lora_name")
         version = await self.registry.remove.remote(body.lora_name)
         if version is None:
             return adapter_not_found(body)
@@ -168,7 +165,7 @@ class OpenAIIngress:
 
     async def replicas(self) -> dict[str, Any]:
         reports = await self.registry.replicas.remote()
-        keys = ("replica", "pid", "synced_version", "held", "adapter_loads", "num_running", "num_waiting")
+        keys = ("replica", "pid", "synced_version", "held", "routed", "adapter_loads", "num_running", "num_waiting")
         return {"object": "list", "data": [{key: getattr(report, key) for key in keys} for report in reports]}
 
 
@@ -218,12 +215,29 @@ def build_ingress_app(ingress: OpenAIIngress) -> FastAPI:
     async def no_replica(_: Request, exc: _NoReplica) -> JSONResponse:
         return error_response(HTTPStatus.SERVICE_UNAVAILABLE, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)})
 
+    async def deployment_lost(_: Request, exc: Exception) -> JSONResponse:  # e.g. the AdapterRegistry restarting
+        return error_response(HTTPStatus.SERVICE_UNAVAILABLE,
+                              f"a deployment this request needs is unavailable ({type(exc).__name__}); Ray Serve "
+                              "restarts it: retry the request", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    for failure in REPLICA_FAILURES:
+        app.add_exception_handler(failure, deployment_lost)
+
     return app
 
 
 class _NoReplica(Exception):
     def __init__(self) -> None:
         super().__init__("no engine replica has reported yet (starting, or all of them restarting); retry shortly")
+
+
+def route_path(request: Request) -> str:
+    """The path below the application's route prefix (Serve mounts the app there: a config's
+    `route_prefix: /llm` gives `/llm/v1/models`), which is what the replica's app routes on."""
+    path, root = request.scope["path"], request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        return path[len(root):] or "/"
+    return path
 
 
 def replica_lost(exc: BaseException) -> JSONResponse:

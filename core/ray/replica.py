@@ -24,7 +24,7 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from ray import serve
@@ -35,6 +35,7 @@ from ..entrypoints.openai.api_server import build_app
 from ..entrypoints.openai.errors import exception_body
 from ..errors import LoRAError
 from .asgi import ForwardedRequest, ResponseStart, call_app
+from .faults import REPLICA_FAILURES
 from .registry import HEARTBEAT_S, RegisteredAdapter, ReplicaReport, Snapshot
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class EngineReplica:
             await self._ensure(model_id)
             return _HeldAdapter(self, model_id)
 
+        self._load_adapter = load_adapter
         self._multiplexed = serve.multiplexed(max_num_models_per_replica=self.max_models)(load_adapter)
         await self._apply(self._snapshot)
         self._beats = asyncio.ensure_future(self._heartbeats())
@@ -71,10 +73,12 @@ class EngineReplica:
         """The app's answer to a request the ingress forwarded (`adapter`: the one its `model` names)."""
         model_id = serve.get_multiplexed_model_id()
         try:
-            if model_id:
-                await self._multiplexed(model_id)  # Serve's bookkeeping of what this replica holds
             if adapter is not None:
                 await self._ensure(adapter)
+                # a name nobody serves is a 404 before it takes a place in Serve's LRU (and evicts one there)
+                await self.models.lora_request_for(adapter)
+            if model_id:
+                await self._multiplexed(model_id)  # Serve's bookkeeping of what this replica holds
         except Exception as exc:  # noqa: BLE001 - the request's error, in the server's error shape
             status, body = exception_body(exc)
             yield ResponseStart(status, [(b"content-type", b"application/json"), self._header()])
@@ -113,7 +117,12 @@ class EngineReplica:
         self._evicting.discard(name)
         entry = self._snapshot.adapters.get(name)
         if entry is None:  # perhaps loaded since the last heartbeat
-            self._snapshot = await self.registry.snapshot.remote()
+            try:
+                fresh = await self.registry.snapshot.remote()
+            except REPLICA_FAILURES:  # the registry restarting: go on with what the heartbeats brought
+                fresh = self._snapshot
+            if fresh.version >= self._snapshot.version:  # older: a restarted registry, restored by the heartbeats
+                self._snapshot = fresh
             entry = self._snapshot.adapters.get(name)
         if entry is None:
             return
@@ -149,25 +158,54 @@ class EngineReplica:
             await asyncio.sleep(0.05)
 
     async def _apply(self, snapshot: Snapshot) -> None:
-        """Follow the registry: drop unloaded adapters, reload replaced ones; synced when all is done."""
+        """Follow the registry: drop unloaded adapters (registered ones, and ones this replica's
+        resolvers found), reload replaced ones; synced when all is done."""
         catalog = self.engine.engine.lora_catalog
         done = True
         if catalog is not None:
             async with self._lock:
+                dropped = {name for name, version in snapshot.unloaded.items() if version > self._synced_version}
+                dropped |= set(self._applied)
+                for name in sorted(dropped - set(snapshot.adapters)):
+                    done &= await self._try(self.engine.remove_lora(name), name)
+                    if catalog.get(name) is None:
+                        self._applied.pop(name, None)
+                        self._evicting.discard(name)
+                        self._forget(name)
                 for name, generation in list(self._applied.items()):
                     entry = snapshot.adapters.get(name)
-                    try:
-                        if entry is None:
-                            await self.engine.remove_lora(name)
-                            self._applied.pop(name)
-                        elif entry.generation != generation and catalog.get(name) is not None:
-                            await self._add(entry)  # in place: new requests start on the new weights
-                    except LoRAError as exc:  # in use, or a reload that fails here: again next time
-                        logger.warning("replica %s: adapter %r not updated yet: %s", self.replica_id, name, exc)
-                        done = False
+                    if entry is not None and entry.generation != generation and catalog.get(name) is not None:
+                        done &= await self._try(self._add(entry), name)  # in place: new requests start on the new weights
         self._snapshot = snapshot
         if done:
             self._synced_version = snapshot.version
+
+    def _forget(self, name: str) -> None:
+        """Take an unloaded adapter off Serve's record of what this replica holds, so that it neither
+        attracts requests nor keeps a place in Serve's LRU. Serve has no public call for this; where
+        its multiplexing keeps other attributes (another Ray version) the LRU drops the name in time."""
+        wrapper, models = self._serve_models()
+        if name in models:
+            held = models.pop(name)
+            if isinstance(held, _HeldAdapter):
+                held.dropped = True  # removed already: no eviction to run
+            wrapper._push_multiplexed_replica_info = True  # the router learns it with the next push
+
+    def _serve_models(self) -> tuple[Any, dict[str, Any]]:
+        """Serve's multiplexing state here and the adapters it routes to this replica ({} unknown)."""
+        wrapper = getattr(self._load_adapter, "__serve_multiplex_wrapper", None)
+        models = getattr(wrapper, "models", None)
+        return wrapper, models if isinstance(models, dict) else {}
+
+    async def _try(self, change: Awaitable[Any], name: str) -> bool:
+        """Whether an unload or reload went through; one refused now (in use, or a reload that fails
+        here) is tried again at the next heartbeat."""
+        try:
+            await change
+        except LoRAError as exc:
+            logger.warning("replica %s: adapter %r not updated yet: %s", self.replica_id, name, exc)
+            return False
+        return True
 
     async def _heartbeats(self) -> None:
         while True:
@@ -192,9 +230,10 @@ class EngineReplica:
         return ReplicaReport(
             replica=self.replica_id, pid=os.getpid(), synced_version=self._synced_version,
             held=engine.lora_manager.cached_names() if engine.lora_manager is not None else [],
+            routed=list(self._serve_models()[1]),
             adapters=adapters, adapter_loads={name: s.loads for name, s in stats.lora_stats.items()},
             num_running=stats.num_running, num_waiting=stats.num_waiting, models=base,
-            metrics=self.app.state.metrics.render()[0].decode(),
+            metrics=self.app.state.metrics.render()[0].decode(), following=self._snapshot,
         )
 
     def __del__(self) -> None:
