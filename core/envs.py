@@ -123,19 +123,7 @@ def image_fetch_timeout() -> float:
 def max_image_bytes() -> int:
     """`LORAPLEX_MAX_IMAGE_BYTES`: the largest image (encoded bytes) a chat message may carry or point
     at (default 20 MiB)."""
-    value = os.environ.get("LORAPLEX_MAX_IMAGE_BYTES", "").strip()
-    if not value:
-        return 20 << 20
-    try:
-        limit = int(value)
-    except ValueError:
-        limit = 0
-    if limit <= 0:
-        from .errors import ConfigError
-
-        raise ConfigError(f"LORAPLEX_MAX_IMAGE_BYTES={value!r} is not a positive whole number of bytes; set it to e.g. "
-                          "20971520 (20 MiB) or unset it for the default")
-    return limit
+    return _positive_bytes("LORAPLEX_MAX_IMAGE_BYTES", "20971520 (20 MiB) or unset it for the default") or 20 << 20
 
 
 # ---- the S3 resolver package (loraplex-resolver-s3) ------------------------------------------------
@@ -155,19 +143,7 @@ def lora_s3_cache_dir() -> Path:
 
 def lora_s3_max_bytes() -> int | None:
     """`LORAPLEX_S3_LORA_MAX_BYTES`: the largest adapter (total listed size) the S3 resolver downloads; unset = no limit."""
-    value = os.environ.get("LORAPLEX_S3_LORA_MAX_BYTES", "").strip()
-    if not value:
-        return None
-    try:
-        limit = int(value)
-    except ValueError:
-        limit = 0
-    if limit <= 0:
-        from .errors import ConfigError
-
-        raise ConfigError(f"LORAPLEX_S3_LORA_MAX_BYTES={value!r} is not a positive whole number of bytes; set it to e.g. "
-                          "1073741824 (1 GiB) or unset it for no limit")
-    return limit
+    return _positive_bytes("LORAPLEX_S3_LORA_MAX_BYTES", "1073741824 (1 GiB) or unset it for no limit")
 
 
 def aws_endpoint_url_s3() -> str | None:
@@ -177,3 +153,20 @@ def aws_endpoint_url_s3() -> str | None:
         if value:
             return value
     return None
+
+
+def _positive_bytes(name: str, fix: str) -> int | None:
+    """The byte count in variable `name`, None when unset; anything but a positive whole number is
+    a ConfigError whose fix is "set it to e.g. <fix>"."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit <= 0:
+        from .errors import ConfigError
+
+        raise ConfigError(f"{name}={value!r} is not a positive whole number of bytes; set it to e.g. {fix}")
+    return limit

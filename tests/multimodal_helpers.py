@@ -65,15 +65,7 @@ class TinyLlava:
         key = (adapter, prompt, tuple(id(i) for i in images or ()), n)
         if key not in self._cache:
             inputs = self.processor(images=images or None, text=prompt, return_tensors="pt")
-            options = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=2)
-            with quiet_peft():
-                if adapter is None:
-                    with self.peft.disable_adapter():
-                        out = self.peft.generate(**inputs, **options)
-                else:
-                    self.peft.set_adapter(adapter)
-                    out = self.peft.generate(**inputs, **options)
-            self._cache[key] = out[0, inputs["input_ids"].shape[1]:].tolist()
+            self._cache[key] = self._generate(adapter, inputs, n)
         return self._cache[key]
 
     @torch.inference_mode()
@@ -85,6 +77,10 @@ class TinyLlava:
         inputs = {"input_ids": torch.tensor([expanded]), "attention_mask": torch.ones(1, len(expanded), dtype=torch.long)}
         if images:
             inputs["pixel_values"] = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        return self._generate(adapter, inputs, n)
+
+    def _generate(self, adapter: str | None, inputs: dict, n: int) -> list[int]:
+        """PEFT's greedy tokens after the prompt, with `adapter` (None: adapters disabled)."""
         options = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=2)
         with quiet_peft():
             if adapter is None:
@@ -93,7 +89,7 @@ class TinyLlava:
             else:
                 self.peft.set_adapter(adapter)
                 out = self.peft.generate(**inputs, **options)
-        return out[0, len(expanded):].tolist()
+        return out[0, inputs["input_ids"].shape[1]:].tolist()
 
     def llm(self, **options: Any):
         from loraplex import LLM

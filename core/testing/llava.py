@@ -30,7 +30,7 @@ def tiny_llava_model(path: str | Path, text_architecture: str = "llama", *, seed
     from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
                               LlavaProcessor)
 
-    from .models import _tokenizer
+    from .models import _tokenizer, randomize_weights
 
     if text_architecture not in _TEXT_CONFIGS:
         raise ValueError(f"text_architecture must be one of {', '.join(_TEXT_CONFIGS)}; got {text_architecture!r}")
@@ -51,16 +51,7 @@ def tiny_llava_model(path: str | Path, text_architecture: str = "llama", *, seed
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
                          image_seq_length=num_patches, vision_feature_layer=-2, vision_feature_select_strategy="default")
     model = LlavaForConditionalGeneration(config).to(torch.float32)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
-            if "norm" in name and name.endswith("weight"):
-                param.copy_(1.0 + 0.2 * noise)
-            elif "embed_tokens" in name or "lm_head" in name:
-                param.copy_(0.5 * noise)
-            else:
-                param.copy_(0.2 * noise)
+    randomize_weights(model, seed)
     model.save_pretrained(str(path))
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
                                             crop_size={"height": image_size, "width": image_size})

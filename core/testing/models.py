@@ -39,19 +39,27 @@ def tiny_base_model(path: str | Path, *, seed: int = 0) -> Path:
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config).to(torch.float32)
+    randomize_weights(model, seed)
+    model.save_pretrained(str(path))
+    _tokenizer().save_pretrained(str(path))
+    return path
+
+
+def randomize_weights(model, seed: int) -> None:
+    """Seeded weights large enough that greedy tokens depend on every layer (a fresh model's are
+    near zero): norms around 1, embeddings and the LM head at 0.5, every other weight at 0.2."""
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
             noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
-            if name.endswith("norm.weight"):
+            if "norm" in name and name.endswith("weight"):
                 param.copy_(1.0 + 0.2 * noise)
             elif "embed_tokens" in name or "lm_head" in name:
                 param.copy_(0.5 * noise)
             else:
                 param.copy_(0.2 * noise)
-    model.save_pretrained(str(path))
-    _tokenizer().save_pretrained(str(path))
-    return path
 
 
 def _tokenizer():
