@@ -1,13 +1,18 @@
 """Throughput of loraplex against transformers' batched `generate` on the embedded model (CPU, fp32).
 
 Both generate exactly `--new-tokens` greedy tokens for the same prompts; tokens per second count
-generated tokens over wall time (prefill included). Run: `python benchmarks/bench_engine.py`.
+generated tokens over wall time (prefill included). Then the single stream against its floor: a
+batch-1 decode step's time beside one plain read (`sum`) of every weight of the model (each
+tensor once, the tied embedding once), alternating, so both see the memory bandwidth of the
+moment. Run: `python benchmarks/bench_engine.py`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import statistics
 import time
 
 import torch
@@ -42,10 +47,36 @@ def bench_loraplex(llm, prompts: list[str], new_tokens: int) -> tuple[float, lis
     return len(prompts) * new_tokens / elapsed, [o.outputs[0].token_ids for o in outs]
 
 
+def decode_floor(llm, rounds: int, steps: int = 16) -> tuple[float, float, int]:
+    """(median ms of a batch-1 decode step, median ms of one read of all weights, weight bytes)."""
+    from loraplex import SamplingParams
+
+    engine = llm.llm_engine
+    unique = {p.untyped_storage().data_ptr(): p for p in engine.model.parameters()}  # tied tensors once
+    flat = torch.cat([p.detach().reshape(-1) for p in unique.values()])  # one stream: the read, no per-op cost
+    nbytes = flat.numel() * flat.element_size()
+    engine.add_request("floor", "Explain why the sky is blue.",
+                       SamplingParams(temperature=0.0, max_tokens=(rounds + 1) * steps + 2, ignore_eos=True))
+    for _ in range(steps):  # the prefill, then warm decode steps
+        engine.step()
+    step_ms, read_ms = [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        step_ms.append((time.perf_counter() - start) / steps * 1e3)
+        start = time.perf_counter()
+        flat.sum()
+        read_ms.append((time.perf_counter() - start) * 1e3)
+    engine.abort_request("floor")
+    return statistics.median(step_ms), statistics.median(read_ms), nbytes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--batches", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--batches", type=int, nargs="*", default=[16, 64])
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--floor-rounds", type=int, default=10, help="rounds of the single-stream floor (0: skip)")
     args = parser.parse_args()
 
     from loraplex import LLM
@@ -61,6 +92,10 @@ def main() -> None:
         lp_tps, lp_tokens = bench_loraplex(llm, prompts, args.new_tokens)
         same = sum(a == b for a, b in zip(hf_tokens, lp_tokens))
         print(f"{n:>8} {hf_tps:>19.1f} {lp_tps:>15.1f} {lp_tps / hf_tps:>5.2f}x {same:>12}/{n}")
+    if args.floor_rounds:
+        step_ms, read_ms, nbytes = decode_floor(llm, args.floor_rounds)
+        print(f"batch-1 decode step {step_ms:.2f} ms; one read of all weights ({nbytes / 1e6:.0f} MB) {read_ms:.2f} ms "
+              f"({nbytes / read_ms / 1e6:.1f} GB/s); step / read {step_ms / read_ms:.2f}; load {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ def cache_dir() -> Path:
 
 
 def cpu_kernel_enabled() -> bool:
-    """`LORAPLEX_CPU_KERNEL`: build and use the native CPU LoRA kernel (default on; 0 = torch only)."""
+    """`LORAPLEX_CPU_KERNEL`: build and use the native CPU kernels, the LoRA one and the decoder ones
+    (norms, rotary, decode attention, small-batch linears; default on; 0 = torch operations only)."""
     return _flag("LORAPLEX_CPU_KERNEL", default=True)
 
 

@@ -7,6 +7,8 @@ Modules, one concept each:
     reference    the oracle: plain per-token torch
     torch_ops    torch formulations, the fastest one chosen per batch shape (any device, any dtype)
     native_cpu   the CPU path for float32: a C++ kernel built on first use (csrc/lora_cpu.cpp)
+    decoder_cpu  the decoder's own small ops on CPU in float32 (GEMV, norms, rotary, SiLU, decode
+                 attention over the paged cache): csrc/decoder_cpu.cpp, built the same way
     triton_ops   the GPU path: Triton kernels, decode form and segment form
     dispatch     the public operations and the backend choice
 

@@ -194,7 +194,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     if not envs.cpu_kernel_enabled():
         return None, "disabled by LORAPLEX_CPU_KERNEL=0"
     try:
-        path = _build()
+        path = build_library()
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as exc:
         reason = str(exc) or type(exc).__name__
@@ -205,16 +205,18 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     return lib, ""
 
 
-def _build() -> Path:
-    """The compiled library for this source, compiler and CPU, building it when missing."""
+def build_library(source: Path | None = None) -> Path:
+    """The compiled library of the C++ file `source` (this module's kernel when None) for this
+    compiler and CPU, built when missing; decoder_cpu.py builds csrc/decoder_cpu.cpp with it."""
+    source = SOURCE if source is None else source
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not compiler:
         raise OSError("no C++ compiler found (install g++ or clang++, or set CXX)")
     from .. import envs  # see _library
 
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(_FLAGS).encode(), _cpu_fingerprint()]))
-    target = envs.cache_dir() / "kernels" / f"lora_cpu-{key.hexdigest()[:16]}.so"
+    text = source.read_bytes()
+    key = hashlib.sha256(b"\0".join([text, compiler.encode(), " ".join(_FLAGS).encode(), _cpu_fingerprint()]))
+    target = envs.cache_dir() / "kernels" / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -223,11 +225,11 @@ def _build() -> Path:
     os.close(fd)
     try:
         done = subprocess.run(
-            [compiler, *_FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S
+            [compiler, *_FLAGS, str(source), "-o", tmp], capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S
         )
         if done.returncode != 0:
             errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines() or ["?"]
-            raise OSError(f"{Path(compiler).name} failed to build {SOURCE.name}: {errors[0].strip()}")
+            raise OSError(f"{Path(compiler).name} failed to build {source.name}: {errors[0].strip()}")
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)

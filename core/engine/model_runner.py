@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import decoder_cpu
 from ..models import AttentionMetadata, Model
 from ..models.attention import PrefillContext
 from ..lora.manager import LoRAManager
@@ -38,6 +39,8 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.dtype = dtype
+        # decode attention by the native CPU kernel: block tables and lengths, no masks (see attention)
+        self.native_decode = device.type == "cpu" and dtype == torch.float32 and decoder_cpu.available()
         # seq_id -> logits at the prompt positions of the last step, for requests with prompt_logprobs
         self.prompt_logits: dict[int, PromptLogits] = {}
 
@@ -173,6 +176,9 @@ class ModelRunner:
         max_blocks = -(-max(lengths) // bs)
         table = [seq.block_ids[:max_blocks] + [0] * (max_blocks - len(seq.block_ids[:max_blocks])) for seq in batch.decodes]
         meta.decode_blocks = torch.tensor(table, device=self.device, dtype=torch.long)  # [Bd, nb]
+        if self.native_decode:
+            meta.decode_context_lens = torch.tensor(lengths, dtype=torch.long)  # [Bd]
+            return
         length = max_blocks * bs
         # built on the host: a GPU step then never waits for the nonzero() below
         context = torch.tensor(lengths)[:, None]  # [Bd, 1]

@@ -17,6 +17,11 @@ such values through (0 * NaN = NaN), so those rows of the gathered copies are fi
 just those rows (indices built once per step) costs a small fraction of the gather, where a
 masked_fill_ over the whole copy doubled the cost of decode attention on CPU. Keys inside the
 context but outside a sliding window are the sequence's own and are masked by -inf as before.
+
+On a CPU in float32 with the native kernels built (loraplex.kernels.decoder_cpu), decode reads
+each sequence's keys and values in place through its block table instead, and only the rows of
+its context (and window): no gathered copy, no masks, no stale row read at all. The model
+runner then builds `decode_context_lens` and no masks.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ..kernels import decoder_cpu
 
 
 @dataclass
@@ -51,6 +58,7 @@ class AttentionMetadata:
     sliding_window: int | None
     block_size: int
     prefill_contexts: list[PrefillContext | None] | None = None  # per prefill; None: no cached tokens before any
+    decode_context_lens: torch.Tensor | None = None  # [Bd] int64, for the native kernel (then no masks)
 
     @property
     def num_decode_tokens(self) -> int:
@@ -123,6 +131,10 @@ class PagedAttention:
         return o.transpose(0, 1)
 
     def _decode(self, q, k_cache, v_cache, out, meta: AttentionMetadata) -> None:
+        if meta.decode_context_lens is not None:
+            decoder_cpu.decode_attention(q, k_cache, v_cache, meta.decode_blocks, meta.decode_context_lens,
+                                         meta.block_size, meta.sliding_window if self.sliding else None, self.scale, out)
+            return
         bd, num_blocks = meta.decode_blocks.shape
         length = num_blocks * meta.block_size
         blocks = meta.decode_blocks.reshape(-1)  # [Bd * nb]

@@ -47,13 +47,19 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        hidden: torch.Tensor,  # [T, H]
+        hidden: torch.Tensor,  # [T, H] the previous layer's MLP output (layer 0: the embeddings)
+        residual: torch.Tensor | None,  # [T, H] the residual stream before it (layer 0: None)
         rotary: tuple[torch.Tensor, torch.Tensor],  # cos, sin [T, 1, D]
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        t, heads = hidden.shape[0], self.num_heads
-        qkv = self.qkv_proj(self.input_layernorm(hidden))  # [T, q + 2kv]
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # this layer's MLP output and the residual before it [T, H]
+        # residual adds folded into the norms (vLLM's layout): the stream is updated in place
+        if residual is None:
+            residual, x = hidden, self.input_layernorm(hidden)
+        else:
+            x = self.input_layernorm(hidden, residual)
+        t, heads = x.shape[0], self.num_heads
+        qkv = self.qkv_proj(x)  # [T, q + 2kv]
         qk = qkv[:, : self.q_size + self.kv_size].view(t, heads + self.num_kv_heads, self.head_dim)  # [T, Hq + Hkv, D]
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         if self.q_norm is not None:
@@ -61,9 +67,8 @@ class DecoderLayer(nn.Module):
         qk = apply_rotary(qk, *rotary)  # q and k rotated together: one set of ops, not two
         q, k = qk[:, :heads], qk[:, heads:]
         attn_out = self.attn(q, k, v, kv_cache[0], kv_cache[1], meta)  # [T, Hq * D]
-        hidden = hidden + self.o_proj(attn_out)
-        mlp_out = self.down_proj(silu_and_mul(self.gate_up_proj(self.post_attention_layernorm(hidden))))
-        return hidden + mlp_out  # [T, H]
+        x = self.post_attention_layernorm(self.o_proj(attn_out), residual)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x))), residual
 
 
 class ArchitectureTraits:
@@ -116,9 +121,11 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:  # [B, V] float32
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [T, H]
         rotary = self.rotary(positions, hidden.dtype)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden = layer(hidden, rotary, kv_cache, meta)
-        hidden = self.norm(hidden.index_select(0, logits_indices))  # [B, H]
+            hidden, residual = layer(hidden, residual, rotary, kv_cache, meta)
+        # the last residual add and the norm, for the wanted rows only
+        hidden = self.norm(hidden.index_select(0, logits_indices), residual.index_select(0, logits_indices))  # [B, H]
         return self.lm_head(hidden).float()  # [B, V]
 
     def lora_modules(self) -> dict[ModuleKey, tuple[nn.Module, str]]:

@@ -161,4 +161,4 @@ def test_built_once_then_loaded_from_the_cache(fresh_build, monkeypatch: pytest.
     (built,) = (fresh_build / "kernels").glob("lora_cpu-*.so")
     native_cpu._library.cache_clear()  # as in a new process: the compiler must not run again
     monkeypatch.setattr(native_cpu.subprocess, "run", lambda *a, **k: pytest.fail("rebuilt a cached kernel"))
-    assert native_cpu.available() and native_cpu._build() == built
+    assert native_cpu.available() and native_cpu.build_library() == built
