@@ -102,6 +102,21 @@ def assert_error(response: httpx.Response, status: int, *fragments: str) -> dict
     return error
 
 
+def wait_until_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float = 300.0) -> None:
+    """Wait until the server `process` (its output in `log`) answers 200 on /health."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the server exited with {process.returncode}:\n{log.read_text(errors='replace')[-4000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"the server did not answer /health within {timeout:.0f} s:\n{log.read_text(errors='replace')[-4000:]}")
+
+
 class MakeServe:
     """`make serve` run in a fresh clone of this repository, as a user runs it: the Makefile's
     own command line, the adapters and examples as committed.
@@ -126,23 +141,12 @@ class MakeServe:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, cwd=self.clone, env=env, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"make serve exited {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"make serve did not answer /health within {timeout:.0f} s:\n{self.log()}")
-            time.sleep(0.5)
+        try:
+            wait_until_healthy(self.url, self.process, self.log_path, timeout)
+        except AssertionError:
+            self.stop()
+            raise
         self.http = httpx.Client(base_url=self.url, timeout=120.0)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -19,7 +18,7 @@ from lora_helpers import PeftOracle, make_adapter
 from loraplex import EngineArgs
 from loraplex.cli import build_parser, main
 from loraplex.entrypoints.cli_args import engine_args_from
-from server_helpers import free_port
+from server_helpers import free_port, wait_until_healthy
 from tiny_models import EMBEDDED_KV_BYTES, load_hf
 
 ENGINE_FIELDS = [f.name for f in dataclasses.fields(EngineArgs) if f.init and f.name != "model"]
@@ -90,20 +89,6 @@ def greedy(oracle: PeftOracle, adapter: str | None, prompt_ids: list[int]) -> li
     for _ in range(TOKENS):
         ids.append(int(oracle.logprobs(adapter, ids)[-1].argmax()))
     return ids[len(prompt_ids):]
-
-
-def wait_until_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"loraplex serve exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"loraplex serve did not answer /health within {timeout:.0f} s:\n{log.read_text()}")
 
 
 def test_loraplex_serve_on_the_embedded_model_answers_like_transformers_and_peft(embedded_model_path, tmp_path) -> None:
