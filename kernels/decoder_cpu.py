@@ -22,12 +22,36 @@ import torch
 
 from .native_cpu import build_library
 
-__all__ = ["available", "usable", "linear", "rms_norm", "rotary_", "silu_and_mul", "decode_attention"]
+__all__ = ["available", "usable", "linear", "rms_norm", "rotary_", "silu_and_mul", "decode_attention",
+           "LinearDesc", "LayerDesc", "ModelDesc", "decode_step"]
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "decoder_cpu.cpp"
 _I64, _PTR, _F32, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+
+
+class LinearDesc(ctypes.Structure):
+    """`LinearDesc` of csrc/decoder_cpu.cpp: a float32 weight [n, k] (rows contiguous) and its bias."""
+
+    _fields_ = [("weight", _PTR), ("bias", _PTR), ("n", _I64), ("k", _I64)]
+
+
+class LayerDesc(ctypes.Structure):
+    """`LayerDesc`: one decoder layer's norms, projections, KV cache and sliding window."""
+
+    _fields_ = [("input_norm", _PTR), ("post_norm", _PTR), ("qkv", LinearDesc), ("o", LinearDesc),
+                ("gate_up", LinearDesc), ("down", LinearDesc), ("k_cache", _PTR), ("v_cache", _PTR),
+                ("window", _I64)]
+
+
+class ModelDesc(ctypes.Structure):
+    """`ModelDesc`: the decoder's shape, its layers, the final norm and the LM head."""
+
+    _fields_ = [("layers", ctypes.POINTER(LayerDesc)), ("num_layers", _I64), ("hidden", _I64), ("q_heads", _I64),
+                ("kv_heads", _I64), ("head_dim", _I64), ("inner", _I64), ("eps", _F32), ("scale", _F32),
+                ("final_norm", _PTR), ("lm_head", LinearDesc)]
+
 _SIGNATURES = {
     "loraplex_gemv": [_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _I64, _INT],
     "loraplex_rms_norm": [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _F32, _INT],
@@ -35,6 +59,8 @@ _SIGNATURES = {
     "loraplex_silu_and_mul": [_PTR, _I64, _PTR, _I64, _I64, _I64, _INT],
     "loraplex_decode_attention": [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _I64,
                                   _F32, _PTR, _I64, _INT],
+    "loraplex_decode_step": [ctypes.POINTER(ModelDesc), _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR,
+                             _INT],
 }
 
 
@@ -119,6 +145,35 @@ def decode_attention(
         out.data_ptr(), out.stride(0), torch.get_num_threads(),
     )
     return out
+
+
+def decode_step(
+    model: ModelDesc,
+    residual: torch.Tensor,  # [T, H] the tokens' embeddings, contiguous: overwritten
+    cos: torch.Tensor,  # [T, D] contiguous: the tokens' rotary rows
+    sin: torch.Tensor,  # [T, D]
+    slots: torch.Tensor,  # [T] int64: where each token's K/V is written
+    block_tables: torch.Tensor,  # [T, nb] int64, unit stride: each sequence's blocks
+    context_lens: torch.Tensor,  # [T] int64: its context, the new token included
+    block_size: int,
+    logits: torch.Tensor,  # [T, V] contiguous: written
+) -> torch.Tensor:
+    """Every decoder layer, the final norm and the LM head for `T` single-token decodes in one
+    call (`ModelDesc` holds the pointers; the caller keeps the tensors behind them alive)."""
+    t = residual.shape[0]
+    tensors = (residual, cos, sin, slots, context_lens, logits)
+    if (any(not x.is_contiguous() for x in tensors) or block_tables.stride(1) != 1 or slots.dtype is not torch.int64
+            or block_tables.dtype is not torch.int64 or context_lens.dtype is not torch.int64
+            or block_tables.shape[0] != t or context_lens.shape != (t,) or slots.shape != (t,)):
+        raise ValueError("decode_step takes contiguous [T, ...] tensors and int64 slots, block_tables and context_lens "
+                         f"for T = {t}; got slots {slots.dtype} {tuple(slots.shape)}, block_tables "
+                         f"{block_tables.dtype} {tuple(block_tables.shape)}, context_lens {tuple(context_lens.shape)}")
+    _library().loraplex_decode_step(
+        ctypes.byref(model), t, residual.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
+        block_tables.data_ptr(), block_tables.stride(0), context_lens.data_ptr(), block_size, logits.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return logits
 
 
 @functools.cache

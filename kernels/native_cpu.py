@@ -214,8 +214,9 @@ def build_library(source: Path | None = None) -> Path:
         raise OSError("no C++ compiler found (install g++ or clang++, or set CXX)")
     from .. import envs  # see _library
 
-    text = source.read_bytes()
-    key = hashlib.sha256(b"\0".join([text, compiler.encode(), " ".join(_FLAGS).encode(), _cpu_fingerprint()]))
+    # the headers beside the source are part of what it compiles (csrc/*.h, included by name)
+    texts = [source.read_bytes(), *(header.read_bytes() for header in sorted(source.parent.glob("*.h")))]
+    key = hashlib.sha256(b"\0".join([*texts, compiler.encode(), " ".join(_FLAGS).encode(), _cpu_fingerprint()]))
     target = envs.cache_dir() / "kernels" / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target

@@ -1,4 +1,4 @@
-"""`loraplex.lora.huge_pages.zeros`: the CPU slot buffers' memory.
+"""`loraplex.huge_pages.zeros`: the CPU slot buffers' memory.
 
 Zero-filled, writable, aligned to a huge page, backed by huge pages where Linux's THP policy lets
 memory ask for them, and unmapped when the last tensor on it is freed.
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraplex.lora import huge_pages
+from loraplex import huge_pages
 
 MiB = 1 << 20
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")

@@ -35,7 +35,7 @@ from lora_helpers import (
 )
 from lora_helpers import one_torch_thread  # noqa: F401 (autouse: one intra-op thread for this module)
 from loraplex import LLM, LoRARequest
-from loraplex.lora import huge_pages
+from loraplex import huge_pages
 from tiny_models import EMBEDDED_KV_BYTES, PROMPTS, load_hf, tiny  # noqa: F401
 
 NUM_TOKENS = 8

@@ -33,7 +33,7 @@ import torch
 from ..errors import ConfigError, LoRAAdapterNotFoundError, LoRAError
 from ..kernels import LoRABatchMapping, native_cpu
 from ..models import Model
-from . import huge_pages
+from .. import huge_pages
 from .adapter import LoRAAdapter, load_adapter
 from .fingerprint import Fingerprint
 from .layers import LoRALinear, LoRAStepState

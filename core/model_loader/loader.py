@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from .. import huge_pages
 from ..errors import ModelNotFoundError
 from ..models import CausalLM, build_model
 from ..models.registry import architecture_of
@@ -88,4 +89,6 @@ def load_model(
         model.load_weights(iter_checkpoint(path))
     except ValueError as exc:
         raise ModelNotFoundError(f"weights in {str(path)!r} do not fit its config: {exc}") from exc
+    if device.type == "cpu":
+        huge_pages.adopt_parameters(model)  # a decode step streams every weight: fewer TLB misses
     return model

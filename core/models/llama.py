@@ -15,6 +15,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from .attention import AttentionMetadata, PagedAttention
+from .decode_step import NativeDecodeStep
 from .layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, silu_and_mul
 from .rope import rope_inverse_frequencies
 
@@ -108,6 +109,7 @@ class CausalLM(nn.Module):
         self.sliding_window = getattr(config, "sliding_window", None) if any(
             layer.attn.sliding for layer in self.layers
         ) else None
+        self._native: tuple[tuple, NativeDecodeStep | None] | None = None  # see _native_step
 
     @torch.inference_mode()
     def forward(
@@ -121,12 +123,24 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:  # [B, V] float32
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [T, H]
         rotary = self.rotary(positions, hidden.dtype)
+        if inputs_embeds is None and len(logits_indices) == len(input_ids):
+            native = self._native_step(kv_caches)
+            if native is not None and native.serves(len(input_ids), meta):
+                return native(hidden, rotary, meta)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(hidden, residual, rotary, kv_cache, meta)
         # the last residual add and the norm, for the wanted rows only
         hidden = self.norm(hidden.index_select(0, logits_indices), residual.index_select(0, logits_indices))  # [B, H]
         return self.lm_head(hidden).float()  # [B, V]
+
+    def _native_step(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> NativeDecodeStep | None:
+        """The one-call decode step for these caches and the current (maybe LoRA-wrapped) layers;
+        None where the model cannot take it. Built again when either changes."""
+        key = (kv_caches, self.layers[0].qkv_proj)  # the LoRA manager wraps every layer or none
+        if self._native is None or any(a is not b for a, b in zip(self._native[0], key)):
+            self._native = (key, NativeDecodeStep(self, kv_caches) if NativeDecodeStep.supports(self, kv_caches) else None)
+        return self._native[1]
 
     def lora_modules(self) -> dict[ModuleKey, tuple[nn.Module, str]]:
         """The linears LoRA can wrap: key -> (owner module, attribute name)."""

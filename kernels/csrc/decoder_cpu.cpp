@@ -81,6 +81,130 @@ void gemv_rows(const float* w, int64_t k_len, const float* x, int64_t sx, const 
   }
 }
 
+// y [tokens, N] rows n0..n1 of x [tokens, K] @ w [N, K]^T (+ bias), tokens in groups of 4.
+inline void gemv_range(const float* w, int64_t k_len, const float* bias, const float* x, int64_t sx, int64_t tokens,
+                       float* y, int64_t sy, int64_t n0, int64_t n1) {
+  for (int64_t m = 0; m < tokens; m += 4) {
+    const float* xm = x + m * sx;
+    float* ym = y + m * sy;
+    switch (std::min<int64_t>(tokens - m, 4)) {
+      case 1: gemv_rows<1>(w, k_len, xm, sx, bias, ym, sy, n0, n1); break;
+      case 2: gemv_rows<2>(w, k_len, xm, sx, bias, ym, sy, n0, n1); break;
+      case 3: gemv_rows<3>(w, k_len, xm, sx, bias, ym, sy, n0, n1); break;
+      default: gemv_rows<4>(w, k_len, xm, sx, bias, ym, sy, n0, n1); break;
+    }
+  }
+}
+
+inline void rms_norm_row(const float* x, float* residual, const float* w, float* out, int64_t n, float eps) {
+  const float* v = x;
+  if (residual != nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) residual[i] += x[i];
+    v = residual;
+  }
+  const float inv = 1.f / std::sqrt(dot(v, v, n) / static_cast<float>(n) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (v[i] * inv);
+}
+
+// heads [H, D] of one token rotated in place by that token's cos, sin [D]
+inline void rotary_heads(float* x, int64_t heads, int64_t d, const float* c, const float* s) {
+  const int64_t half = d / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* v = x + h * d;
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) {
+      const float lo = v[i], hi = v[i + half];
+      v[i] = lo * c[i] + (-hi) * s[i];
+      v[i + half] = hi * c[i + half] + lo * s[i + half];
+    }
+  }
+}
+
+inline void silu_and_mul_row(const float* g, const float* u, float* o, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
+// One sequence's single-token query heads sharing KV head h, over keys [lo, len) of its paged
+// context (see loraplex_decode_attention); `scores` and `acc` are the caller's scratch.
+inline void attend(const float* qh, const float* k_cache, const float* v_cache, const int64_t* table, int64_t len,
+                   int64_t window, int64_t block_size, int64_t kv_heads, int64_t h, int64_t group, int64_t d,
+                   float scale, std::vector<float>& scores, std::vector<float>& acc, float* o) {
+  const int64_t lo = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+  const int64_t n = len - lo;
+  scores.resize(group * n);
+  acc.assign(group * d, 0.f);
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t pos = lo + j;
+    const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
+    const float* k = k_cache + (slot * kv_heads + h) * d;
+    for (int64_t g = 0; g < group; ++g) scores[g * n + j] = dot(qh + g * d, k, d) * scale;
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* sc = scores.data() + g * n;
+    float top = -INFINITY;
+    for (int64_t j = 0; j < n; ++j) top = std::max(top, sc[j]);
+    float total = 0.f;
+    for (int64_t j = 0; j < n; ++j) {
+      sc[j] = std::exp(sc[j] - top);
+      total += sc[j];
+    }
+    const float inv = 1.f / total;
+    for (int64_t j = 0; j < n; ++j) sc[j] *= inv;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t pos = lo + j;
+    const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
+    const float* v = v_cache + (slot * kv_heads + h) * d;
+    for (int64_t g = 0; g < group; ++g) {
+      const float p = scores[g * n + j];
+      float* a = acc.data() + g * d;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) a[i] += p * v[i];
+    }
+  }
+  std::copy(acc.begin(), acc.end(), o);
+}
+
+
+// ---- the decode step: every decoder layer, the final norm and the LM head in one call -----------
+//
+// At batch 1 a step of this model is ~120 GEMVs of 0.1-3 ms between ~150 small operations; called
+// one by one from Python, the calls and the threads' fork/join around each cost milliseconds, a
+// quarter of the step. Here one parallel region runs the whole step: the GEMVs split their rows
+// between the threads, the small operations run on one thread, and barriers order them.
+
+struct LinearDesc {  // y = x @ W^T (+ bias): W [n, k] float32, rows contiguous
+  const float* weight;
+  const float* bias;  // [n] or NULL
+  int64_t n, k;
+};
+
+struct LayerDesc {
+  const float* input_norm;  // [H]
+  const float* post_norm;   // [H]
+  LinearDesc qkv, o, gate_up, down;  // gate_up: the gate rows, then the up rows
+  float* k_cache;  // [slots, Hkv, D]
+  float* v_cache;
+  int64_t window;  // sliding window of this layer, 0 for none
+};
+
+struct ModelDesc {
+  const LayerDesc* layers;
+  int64_t num_layers, hidden, q_heads, kv_heads, head_dim, inner;
+  float eps, scale;
+  const float* final_norm;  // [H]
+  LinearDesc lm_head;
+};
+
+// rows [n0, n1) of x [T, k] @ L^T for T tokens (x row stride = k, y row stride = sy)
+inline void linear_range(const LinearDesc& L, const float* x, int64_t tokens, float* y, int64_t sy, int64_t n0,
+                         int64_t n1) {
+  gemv_range(L.weight, L.k, L.bias, x, L.k, tokens, y, sy, n0, n1);
+}
+
 }  // namespace
 
 extern "C" {
@@ -97,17 +221,8 @@ void loraplex_gemv(const float* w, int64_t n_len, int64_t k_len, const float* bi
 #else
     const int t = 0, nt = 1;
 #endif
-    const int64_t n0 = n_len * t / nt, n1 = n_len * (t + 1) / nt;  // one contiguous stretch of rows each
-    for (int64_t m = 0; m < tokens; m += 4) {
-      const float* xm = x + m * sx;
-      float* ym = y + m * sy;
-      switch (std::min<int64_t>(tokens - m, 4)) {
-        case 1: gemv_rows<1>(w, k_len, xm, sx, bias, ym, sy, n0, n1); break;
-        case 2: gemv_rows<2>(w, k_len, xm, sx, bias, ym, sy, n0, n1); break;
-        case 3: gemv_rows<3>(w, k_len, xm, sx, bias, ym, sy, n0, n1); break;
-        default: gemv_rows<4>(w, k_len, xm, sx, bias, ym, sy, n0, n1); break;
-      }
-    }
+    // one contiguous stretch of rows each
+    gemv_range(w, k_len, bias, x, sx, tokens, y, sy, n_len * t / nt, n_len * (t + 1) / nt);
   }
 }
 
@@ -116,53 +231,23 @@ void loraplex_gemv(const float* w, int64_t n_len, int64_t k_len, const float* bi
 void loraplex_rms_norm(const float* x, int64_t sx, float* residual, int64_t sr, const float* w, float* out,
                        int64_t so, int64_t rows, int64_t n, float eps, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && rows * n > kParallelWork)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* v = x + r * sx;
-    if (residual != nullptr) {
-      float* res = residual + r * sr;
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) res[i] += v[i];
-      v = res;
-    }
-    const float inv = 1.f / std::sqrt(dot(v, v, n) / static_cast<float>(n) + eps);
-    float* o = out + r * so;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) o[i] = w[i] * (v[i] * inv);
-  }
+  for (int64_t r = 0; r < rows; ++r)
+    rms_norm_row(x + r * sx, residual != nullptr ? residual + r * sr : nullptr, w, out + r * so, n, eps);
 }
 
 // Neox rotary (rotate-half) in place on x [T, H, D] (token stride sx, heads contiguous):
 // x = x * cos[t] + rotate_half(x) * sin[t], cos/sin [T, D] gathered for the step's positions.
 void loraplex_rotary(float* x, int64_t sx, int64_t tokens, int64_t heads, int64_t d, const float* cos,
                      const float* sin, int threads) {
-  const int64_t half = d / 2;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && tokens * heads * d > kParallelWork)
-  for (int64_t t = 0; t < tokens; ++t) {
-    const float* c = cos + t * d;
-    const float* s = sin + t * d;
-    for (int64_t h = 0; h < heads; ++h) {
-      float* v = x + t * sx + h * d;
-#pragma omp simd
-      for (int64_t i = 0; i < half; ++i) {
-        const float lo = v[i], hi = v[i + half];
-        v[i] = lo * c[i] + (-hi) * s[i];
-        v[i + half] = hi * c[i + half] + lo * s[i + half];
-      }
-    }
-  }
+  for (int64_t t = 0; t < tokens; ++t) rotary_heads(x + t * sx, heads, d, cos + t * d, sin + t * d);
 }
 
 // out[t] = silu(gate_up[t, :I]) * gate_up[t, I:]
 void loraplex_silu_and_mul(const float* gate_up, int64_t sg, float* out, int64_t so, int64_t tokens, int64_t inner,
                            int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && tokens * inner > kParallelWork)
-  for (int64_t t = 0; t < tokens; ++t) {
-    const float* g = gate_up + t * sg;
-    const float* u = g + inner;
-    float* o = out + t * so;
-#pragma omp simd
-    for (int64_t i = 0; i < inner; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
-  }
+  for (int64_t t = 0; t < tokens; ++t) silu_and_mul_row(gate_up + t * sg, gate_up + t * sg + inner, out + t * so, inner);
 }
 
 // Decode attention of `seqs` single-token queries over their paged keys and values.
@@ -179,50 +264,80 @@ void loraplex_decode_attention(const float* q, int64_t sq, const float* k_cache,
   const bool parallel = threads > 1 && keys * q_heads * d > kParallelWork;
 #pragma omp parallel num_threads(threads) if (parallel)
   {
-    std::vector<float> scores;  // [group, context]
-    std::vector<float> acc;     // [group, D]
+    std::vector<float> scores, acc;  // [group, context], [group, D]
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < seqs * kv_heads; ++item) {
       const int64_t b = item / kv_heads, h = item % kv_heads;
-      const int64_t len = context_lens[b];
-      const int64_t lo = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      const int64_t n = len - lo;
-      const int64_t* table = block_tables + b * table_stride;
-      const float* qh = q + b * sq + h * group * d;  // the group's query heads, contiguous
-      scores.resize(group * n);
-      acc.assign(group * d, 0.f);
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t pos = lo + j;
-        const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
-        const float* k = k_cache + (slot * kv_heads + h) * d;
-        for (int64_t g = 0; g < group; ++g) scores[g * n + j] = dot(qh + g * d, k, d) * scale;
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        float* s = scores.data() + g * n;
-        float top = -INFINITY;
-        for (int64_t j = 0; j < n; ++j) top = std::max(top, s[j]);
-        float total = 0.f;
-        for (int64_t j = 0; j < n; ++j) {
-          s[j] = std::exp(s[j] - top);
-          total += s[j];
-        }
-        const float inv = 1.f / total;
-        for (int64_t j = 0; j < n; ++j) s[j] *= inv;
-      }
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t pos = lo + j;
-        const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
-        const float* v = v_cache + (slot * kv_heads + h) * d;
-        for (int64_t g = 0; g < group; ++g) {
-          const float p = scores[g * n + j];
-          float* a = acc.data() + g * d;
-#pragma omp simd
-          for (int64_t i = 0; i < d; ++i) a[i] += p * v[i];
-        }
-      }
-      float* o = out + b * so + h * group * d;
-      std::copy(acc.begin(), acc.end(), o);
+      attend(q + b * sq + h * group * d, k_cache, v_cache, block_tables + b * table_stride, context_lens[b], window,
+             block_size, kv_heads, h, group, d, scale, scores, acc, out + b * so + h * group * d);
     }
+  }
+}
+
+// One decode step of `tokens` sequences (one new token each): residual [T, H] holds the tokens'
+// embeddings (overwritten); cos, sin [T, D] their rotary rows; slots [T] where their K/V go;
+// block_tables [T, table_stride] and context_lens [T] (the new token included) as for
+// loraplex_decode_attention. Writes logits [T, vocab].
+void loraplex_decode_step(const ModelDesc* m, int64_t tokens, float* residual, const float* cos, const float* sin,
+                          const int64_t* slots, const int64_t* block_tables, int64_t table_stride,
+                          const int64_t* context_lens, int64_t block_size, float* logits, int threads) {
+  const int64_t H = m->hidden, D = m->head_dim, I = m->inner, T = tokens;
+  const int64_t q_size = m->q_heads * D, kv_size = m->kv_heads * D, qkv_size = q_size + 2 * kv_size;
+  const int64_t group = m->q_heads / m->kv_heads;
+  // activations [T, width] each, shared by the threads
+  std::vector<float> x(T * H), hidden(T * H), qkv(T * qkv_size), attn(T * q_size), gate_up(T * 2 * I), act(T * I);
+#pragma omp parallel num_threads(threads)
+  {
+#if defined(_OPENMP)
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+    const int t = 0, nt = 1;
+#endif
+    const auto lo = [&](int64_t n) { return n * t / nt; };  // this thread's share of n rows: [lo, hi)
+    const auto hi = [&](int64_t n) { return n * (t + 1) / nt; };
+    std::vector<float> scores, acc;  // attention scratch, this thread's
+    for (int64_t l = 0; l < m->num_layers; ++l) {
+      const LayerDesc& L = m->layers[l];
+#pragma omp single
+      for (int64_t r = 0; r < T; ++r)  // layer 0 normalises the embeddings; later ones add the MLP output first
+        rms_norm_row(l == 0 ? residual + r * H : hidden.data() + r * H, l == 0 ? nullptr : residual + r * H,
+                     L.input_norm, x.data() + r * H, H, m->eps);
+      linear_range(L.qkv, x.data(), T, qkv.data(), qkv_size, lo(qkv_size), hi(qkv_size));
+#pragma omp barrier
+#pragma omp single
+      for (int64_t r = 0; r < T; ++r) {  // q and k rotated, then k and v written to the cache
+        float* row = qkv.data() + r * qkv_size;
+        rotary_heads(row, m->q_heads + m->kv_heads, D, cos + r * D, sin + r * D);
+        std::copy(row + q_size, row + q_size + kv_size, L.k_cache + slots[r] * kv_size);
+        std::copy(row + q_size + kv_size, row + qkv_size, L.v_cache + slots[r] * kv_size);
+      }
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t item = 0; item < T * m->kv_heads; ++item) {
+        const int64_t b = item / m->kv_heads, h = item % m->kv_heads;
+        attend(qkv.data() + b * qkv_size + h * group * D, L.k_cache, L.v_cache, block_tables + b * table_stride,
+               context_lens[b], L.window, block_size, m->kv_heads, h, group, D, m->scale, scores, acc,
+               attn.data() + b * q_size + h * group * D);
+      }
+      linear_range(L.o, attn.data(), T, hidden.data(), H, lo(H), hi(H));
+#pragma omp barrier
+#pragma omp single
+      for (int64_t r = 0; r < T; ++r)
+        rms_norm_row(hidden.data() + r * H, residual + r * H, L.post_norm, x.data() + r * H, H, m->eps);
+      // each thread computes the gate and up rows of its share of the inner units, then their product
+      linear_range(L.gate_up, x.data(), T, gate_up.data(), 2 * I, lo(I), hi(I));
+      linear_range(L.gate_up, x.data(), T, gate_up.data(), 2 * I, I + lo(I), I + hi(I));
+      for (int64_t r = 0; r < T; ++r) {
+        const float* g = gate_up.data() + r * 2 * I;
+        silu_and_mul_row(g + lo(I), g + I + lo(I), act.data() + r * I + lo(I), hi(I) - lo(I));
+      }
+#pragma omp barrier
+      linear_range(L.down, act.data(), T, hidden.data(), H, lo(H), hi(H));
+#pragma omp barrier
+    }
+#pragma omp single
+    for (int64_t r = 0; r < T; ++r)
+      rms_norm_row(hidden.data() + r * H, residual + r * H, m->final_norm, x.data() + r * H, H, m->eps);
+    linear_range(m->lm_head, x.data(), T, logits, m->lm_head.n, lo(m->lm_head.n), hi(m->lm_head.n));
   }
 }
 

@@ -1,0 +1,90 @@
+"""A decoder's whole decode step as one native call, for steps of a few single-token decodes.
+
+At batch 1 on a CPU the step of a small model is a stream of ~120 weight reads with ~150 small
+operations between them; run one by one from Python, the calls, allocations and the threads'
+fork/join around each cost a quarter of the step. `NativeDecodeStep` describes the model once
+(pointers to every weight, norm and KV cache) to `decoder_cpu.decode_step`, which runs all layers,
+the final norm and the LM head inside one parallel region.
+
+It serves a step when all of these hold, else the model runs layer by layer as usual:
+- float32 on the CPU with the native kernels built (the model runner then gives the decode
+  context lengths: `meta.decode_context_lens`), and no per-head q/k norm (Qwen3);
+- the step is decodes only, at most `MAX_TOKENS` of them, without image embeddings;
+- no token of the step has a LoRA adapter (the per-layer path applies adapters).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels import decoder_cpu
+from .attention import AttentionMetadata
+from .layers import GEMV_MAX_TOKENS, Linear
+
+__all__ = ["NativeDecodeStep", "MAX_TOKENS"]
+
+# the step streams every weight once per group of tokens, as the per-layer GEMV does: worth it
+# where that GEMV beats the packed GEMM (see layers.GEMV_MAX_TOKENS)
+MAX_TOKENS = GEMV_MAX_TOKENS
+
+
+class NativeDecodeStep:
+    """The native step of one model over one set of KV caches (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        # the step state of each LoRA-wrapped linear (one object shared by all of them)
+        self._lora_states = {id(s): s for layer in model.layers for name in ("qkv_proj", "o_proj", "gate_up_proj",
+                             "down_proj") if (s := getattr(getattr(layer, name), "state", None)) is not None}
+        first = model.layers[0]
+        self._layers = (decoder_cpu.LayerDesc * len(model.layers))(*(
+            decoder_cpu.LayerDesc(
+                layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
+                _linear(layer.qkv_proj), _linear(layer.o_proj), _linear(layer.gate_up_proj), _linear(layer.down_proj),
+                k_cache.data_ptr(), v_cache.data_ptr(), (model.sliding_window or 0) if layer.attn.sliding else 0,
+            )
+            for layer, (k_cache, v_cache) in zip(model.layers, kv_caches)
+        ))
+        self.desc = decoder_cpu.ModelDesc(
+            self._layers, len(model.layers), model.config.hidden_size, first.num_heads, first.num_kv_heads,
+            first.head_dim, model.config.intermediate_size, first.input_layernorm.eps, first.attn.scale,
+            model.norm.weight.data_ptr(), _linear(model.lm_head),
+        )
+
+    @staticmethod
+    def supports(model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        weight = model.embed_tokens.weight
+        return (
+            weight.dtype is torch.float32 and weight.device.type == "cpu" and decoder_cpu.available()
+            and all(layer.q_norm is None for layer in model.layers)
+            and all(k.is_contiguous() and v.is_contiguous() for k, v in kv_caches)
+            and all(_plain_linear(getattr(layer, name)).weight.is_contiguous() for layer in model.layers
+                    for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
+        )
+
+    def serves(self, tokens: int, meta: AttentionMetadata) -> bool:
+        """Whether this step (`tokens` tokens laid out by `meta`) can run natively."""
+        return (
+            0 < tokens <= MAX_TOKENS and meta.num_prefill_tokens == 0 and meta.decode_context_lens is not None
+            and not any(state.mapping is not None and state.mapping.any_active for state in self._lora_states.values())
+        )
+
+    def __call__(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                 meta: AttentionMetadata) -> torch.Tensor:  # [T, V] float32
+        cos, sin = rotary  # [T, 1, D] each
+        t = hidden.shape[0]
+        logits = torch.empty(t, self.desc.lm_head.n, dtype=torch.float32)  # [T, V]
+        return decoder_cpu.decode_step(self.desc, hidden.contiguous(), cos.reshape(t, -1), sin.reshape(t, -1),
+                                       meta.slot_mapping, meta.decode_blocks, meta.decode_context_lens,
+                                       meta.block_size, logits)
+
+
+def _plain_linear(module: torch.nn.Module) -> Linear:
+    return getattr(module, "base", module)  # a LoRA-wrapped linear's own projection
+
+
+def _linear(module: torch.nn.Module) -> decoder_cpu.LinearDesc:
+    linear = _plain_linear(module)
+    bias = linear.bias.data_ptr() if linear.bias is not None else None
+    return decoder_cpu.LinearDesc(linear.weight.data_ptr(), bias, linear.out_features, linear.in_features)
+
+
