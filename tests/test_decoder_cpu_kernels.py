@@ -54,6 +54,15 @@ def test_silu_and_mul(tokens: int) -> None:
     close(decoder_cpu.silu_and_mul(gate_up), F.silu(gate) * up)
 
 
+def test_silu_and_mul_is_exact_to_a_few_ulp_over_the_whole_range() -> None:
+    """The vectorised exp saturates to 0 and inf as expf does, and is ~1 ulp in between."""
+    gate = torch.cat([torch.linspace(-120, 120, 4001), torch.tensor([-1e30, 1e30, 0.0, -0.0, 88.5, -88.5])])
+    out = decoder_cpu.silu_and_mul(torch.cat([gate, torch.ones_like(gate)])[None])[0]
+    expected = F.silu(gate)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-30)
+
+
 def reference_decode(q, k_cache, v_cache, tables, lens, block_size, window, scale):
     """Each sequence's keys gathered position by position, then plain softmax attention (fp64)."""
     out = torch.empty_like(q)
