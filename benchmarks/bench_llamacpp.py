@@ -10,7 +10,9 @@ adapters (benchmarks/make_adapters.py) converted by llama.cpp's convert_lora_to_
 Measured, greedy, `--new-tokens` each, tokens/s = generated tokens over wall time (prefill +
 decode), `--threads` threads everywhere:
   batch 1, 16, 64: `llama-batched-bench` (F32 and Q4_1, prompt length = the mean of loraplex's
-      prompts) against loraplex fp32 `LLM.generate` (and `quantization=` when given);
+      prompts) against loraplex fp32 `LLM.generate` and loraplex `quantization="gguf"` (the same
+      Q4_1 file's weights; `--quantization none` skips it), with the two's perplexity on a
+      built-in text (perplexity.py) beside;
   16 prompts over 8 LoRA adapters: `llama-server` (one request per prompt, all at once, each
       naming its adapter) against loraplex with the same adapters.
 Each round runs llama.cpp then loraplex (every other round the other way round); a ratio is the
@@ -37,6 +39,7 @@ from pathlib import Path
 import torch
 
 from make_adapters import make_adapters
+from perplexity import decode_path_perplexity
 from prompts import benchmark_prompts
 
 LLAMA_CPP_PYTHON = "0.3.36"
@@ -204,7 +207,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--adapters", type=int, default=8, help="mixed-adapter case: 16 prompts over this many (0: skip)")
-    parser.add_argument("--quantization", default=None, help="also run loraplex with this quantization= method")
+    parser.add_argument("--quantization", default="gguf",
+                        help="also run loraplex with this quantization= method ('none': skip)")
     parser.add_argument("--build-only", action="store_true")
     args = parser.parse_args()
 
@@ -219,6 +223,8 @@ def main() -> None:
     base_dir = str(embedded_model_dir())
     torch.set_num_threads(args.threads)
     llm = LLM(base_dir, device="cpu", dtype="float32")
+    if args.quantization == "none":
+        args.quantization = None
     quantized = LLM(base_dir, device="cpu", dtype="float32", quantization=args.quantization) if args.quantization else None
     tokenizer = llm.llm_engine.tokenizer
     prompt_lens = {n: round(statistics.mean(len(tokenizer.encode(p)) for p in benchmark_prompts(n))) for n in args.batches}
@@ -280,6 +286,9 @@ def main() -> None:
         if quantized is not None:
             line += f" {max(results[f'quantized {n}']):>16.1f} {ratio(f'quantized {n}', f'Q4_1 {n}'):>6.2f}x"
         print(line)
+    if quantized is not None:
+        print(f"quality, perplexity of a built-in text along the decode path (perplexity.py): float32 "
+              f"{decode_path_perplexity(llm):.3f}, loraplex {args.quantization} {decode_path_perplexity(quantized):.3f}")
     if mixed is not None:
         print(f"16 prompts over {args.adapters} LoRA adapters: llama-server F32 {max(results['server lora']):.1f} tok/s, "
               f"loraplex {max(results['loraplex lora']):.1f} tok/s, {ratio('loraplex lora', 'server lora'):.2f}x")

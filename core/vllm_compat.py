@@ -91,9 +91,11 @@ VLLM_ARGS: dict[str, VllmArg] = {
     "num_scheduler_steps": VllmArg((int,), "ignored: every step is scheduled (as in vLLM's V1 engine)",
                                    ignored=_unless(1)),
     "use_v2_block_manager": VllmArg((bool,), "ignored: loraplex has one block manager", ignored=_unless(True)),
-    "quantization": VllmArg((str,), "None only: loraplex serves unquantized weights", refused=_given,
-                            fix="loraplex serves unquantized checkpoints; leave quantization unset and serve an "
-                                "unquantized model (dtype='bfloat16' halves float32's memory)"),
+    "quantization": VllmArg((str,), "'gguf' (CPU, float32): decode steps read the model's GGUF weights (Q4_1, "
+                                    "Q8_0) as stored; other methods are refused",
+                            refused=_unless("gguf"),
+                            fix="loraplex serves float checkpoints, and on the CPU the weights of the model's GGUF "
+                                "file with quantization='gguf'; leave quantization unset or pass 'gguf'"),
     "kv_cache_dtype": VllmArg((str,), "'auto' only: the KV cache is kept in the model's dtype",
                               refused=_unless("auto"),
                               fix="the KV cache is kept in the model's dtype; leave kv_cache_dtype at 'auto' "

@@ -23,7 +23,7 @@ import torch
 from .native_cpu import build_library
 
 __all__ = ["available", "usable", "linear", "rms_norm", "rotary_", "silu_and_mul", "decode_attention",
-           "LinearDesc", "LayerDesc", "ModelDesc", "decode_step"]
+           "LinearDesc", "LayerDesc", "ModelDesc", "LINEAR_KINDS", "decode_step"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +32,12 @@ _I64, _PTR, _F32, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes
 
 
 class LinearDesc(ctypes.Structure):
-    """`LinearDesc` of csrc/decoder_cpu.cpp: a float32 weight [n, k] (rows contiguous) and its bias."""
+    """`LinearDesc` of csrc/decoder_cpu.cpp: a weight [n, k] of `kind` (`LINEAR_KINDS`) and its bias."""
 
-    _fields_ = [("weight", _PTR), ("bias", _PTR), ("n", _I64), ("k", _I64)]
+    _fields_ = [("kind", _I64), ("weight", _PTR), ("bias", _PTR), ("n", _I64), ("k", _I64)]
+
+
+LINEAR_KINDS = {"float32": 0, "q4_1": 1, "q8_0": 2}  # float32 rows, or quant_cpu's repacked GGUF blocks
 
 
 class LayerDesc(ctypes.Structure):

@@ -6,7 +6,7 @@ import pytest
 
 from loraplex import LLM, LoRARequest, SamplingParams
 from loraplex.kernels import decoder_cpu
-from loraplex.models import decode_step
+from loraplex.models.decode_step import NativeDecodeStep
 from lora_helpers import make_adapter
 from tiny_models import PROMPTS, tiny  # noqa: F401
 
@@ -50,7 +50,7 @@ def test_native_steps_decode_as_the_layers_do(tiny, variant: str, native_calls, 
 
     native = run()
     assert 1 in native_calls and 2 in native_calls  # the step served both batch sizes
-    monkeypatch.setattr(decode_step, "MAX_TOKENS", 0)
+    monkeypatch.setattr(NativeDecodeStep, "serves", lambda *args: False)
     native_calls.clear()
     reference = run()
     assert native_calls == []
@@ -79,5 +79,5 @@ def test_a_step_with_an_adapter_goes_layer_by_layer(tiny, tmp_path, native_calls
     native = run()
     assert native_calls and len(native_calls) <= PARAMS.max_tokens  # the base request's decodes only
     assert native[0].token_ids != native[1].token_ids  # the adapter changed the answer
-    monkeypatch.setattr(decode_step, "MAX_TOKENS", 0)
+    monkeypatch.setattr(NativeDecodeStep, "serves", lambda *args: False)
     assert_same_outputs(native, run())

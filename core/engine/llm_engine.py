@@ -20,7 +20,7 @@ from ..lora.catalog import AdapterCatalog
 from ..lora.manager import LoRAManager, LoRAManagerConfig
 from ..lora.request import LoRARequest
 from ..model_loader.loader import load_config, load_model, resolve_model_path
-from ..models import LlavaForConditionalGeneration
+from ..models import CausalLM, LlavaForConditionalGeneration
 from ..multimodal import ImageInputProcessor, MultiModalInputs, load_image_processor
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
@@ -85,6 +85,8 @@ class LLMEngine:
                 "raise max_num_batched_tokens, lower max_model_len or enable chunked prefill"
             )
         self.model = load_model(self.model_path, self.model_config, self.max_model_len, self.dtype, self.device)
+        if args.quantization is not None:
+            self._attach_quantized_weights(args.quantization)
         layer = self.model.layers[0]
         num_blocks = self._num_kv_blocks(layer.num_kv_heads, layer.head_dim)
         self.kv_cache = KVCache(len(self.model.layers), num_blocks, args.block_size, layer.num_kv_heads,
@@ -149,6 +151,17 @@ class LLMEngine:
         load_plugins()
         # resolvers get the model as it was named (vLLM passes its `model` argument)
         return AdapterCatalog(manager, LoRAResolverRegistry, self.args.model or self.served_model_name)
+
+    def _attach_quantized_weights(self, method: str) -> None:
+        from ..model_loader.gguf_weights import attach_gguf_weights, find_gguf_file
+
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            raise ConfigError(f"quantization={method!r} runs on the CPU in float32; got device={str(self.device)!r}, "
+                              f"dtype={self.dtype}: pass device='cpu' (and leave dtype at 'auto' or 'float32')")
+        if not isinstance(self.model, CausalLM):
+            raise ConfigError(f"quantization={method!r} serves text-only decoders; {type(self.model).__name__} "
+                              "models are served with float weights: leave quantization unset")
+        attach_gguf_weights(self.model, find_gguf_file(self.model_path))
 
     def _image_input_processor(self) -> ImageInputProcessor | None:
         """What turns a prompt's images into pixel values and placeholders; None for a text-only model."""

@@ -9,7 +9,9 @@ the final norm and the LM head inside one parallel region.
 It serves a step when all of these hold, else the model runs layer by layer as usual:
 - float32 on the CPU with the native kernels built (the model runner then gives the decode
   context lengths: `meta.decode_context_lens`), and no per-head q/k norm (Qwen3);
-- the step is decodes only, at most `MAX_TOKENS` of them, without image embeddings;
+- the step is decodes only, without image embeddings, and few enough that streaming each weight
+  once per 4 tokens beats the packed GEMM (layers.GEMV_MAX_TOKENS; QUANTIZED_MAX_TOKENS for GGUF
+  weights);
 - no token of the step has a LoRA adapter (the per-layer path applies adapters).
 """
 
@@ -19,13 +21,10 @@ import torch
 
 from ..kernels import decoder_cpu
 from .attention import AttentionMetadata
-from .layers import GEMV_MAX_TOKENS, Linear
+from .layers import GEMV_MAX_TOKENS, QUANTIZED_MAX_TOKENS, Linear
 
-__all__ = ["NativeDecodeStep", "MAX_TOKENS"]
+__all__ = ["NativeDecodeStep"]
 
-# the step streams every weight once per group of tokens, as the per-layer GEMV does: worth it
-# where that GEMV beats the packed GEMM (see layers.GEMV_MAX_TOKENS)
-MAX_TOKENS = GEMV_MAX_TOKENS
 
 
 class NativeDecodeStep:
@@ -36,6 +35,8 @@ class NativeDecodeStep:
         self._lora_states = {id(s): s for layer in model.layers for name in ("qkv_proj", "o_proj", "gate_up_proj",
                              "down_proj") if (s := getattr(getattr(layer, name), "state", None)) is not None}
         first = model.layers[0]
+        quantized = _plain_linear(first.qkv_proj).quantized is not None
+        self.max_tokens = QUANTIZED_MAX_TOKENS if quantized else GEMV_MAX_TOKENS
         self._layers = (decoder_cpu.LayerDesc * len(model.layers))(*(
             decoder_cpu.LayerDesc(
                 layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
@@ -64,7 +65,7 @@ class NativeDecodeStep:
     def serves(self, tokens: int, meta: AttentionMetadata) -> bool:
         """Whether this step (`tokens` tokens laid out by `meta`) can run natively."""
         return (
-            0 < tokens <= MAX_TOKENS and meta.num_prefill_tokens == 0 and meta.decode_context_lens is not None
+            0 < tokens <= self.max_tokens and meta.num_prefill_tokens == 0 and meta.decode_context_lens is not None
             and not any(state.mapping is not None and state.mapping.any_active for state in self._lora_states.values())
         )
 
@@ -85,6 +86,9 @@ def _plain_linear(module: torch.nn.Module) -> Linear:
 def _linear(module: torch.nn.Module) -> decoder_cpu.LinearDesc:
     linear = _plain_linear(module)
     bias = linear.bias.data_ptr() if linear.bias is not None else None
-    return decoder_cpu.LinearDesc(linear.weight.data_ptr(), bias, linear.out_features, linear.in_features)
+    quantized = linear.quantized
+    kind, weight = ("float32", linear.weight) if quantized is None else (quantized.kind, quantized.data)
+    return decoder_cpu.LinearDesc(decoder_cpu.LINEAR_KINDS[kind], weight.data_ptr(), bias, linear.out_features,
+                                  linear.in_features)
 
 

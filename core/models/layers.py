@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import decoder_cpu
+from ..kernels import decoder_cpu, quant_cpu
 
 
 class RMSNorm(nn.Module):
@@ -58,6 +58,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # Up to this many tokens a CPU fp32 linear streams its plain weight once (decoder_cpu.linear):
 # measured 1.3-1.6x faster than oneDNN's packed GEMM at 1-2 tokens, slower from 4 on.
 GEMV_MAX_TOKENS = 2
+# Up to this many tokens a linear with a GGUF weight reads it quantized (quant_cpu.linear)
+QUANTIZED_MAX_TOKENS = 4
 
 
 class Linear(nn.Module):
@@ -79,6 +81,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(self.out_features), requires_grad=False) if bias else None
         self._packed: torch.Tensor | None = None
+        self.quantized: quant_cpu.QuantizedWeight | None = None  # see attach_quantized
 
     def load_slice(self, index: int, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         start = sum(self.output_sizes[:index])
@@ -103,7 +106,17 @@ class Linear(nn.Module):
         except (RuntimeError, AttributeError):  # no oneDNN kernel for this CPU: plain GEMM it is
             self._packed = None
 
+    def attach_quantized(self, weight: quant_cpu.QuantizedWeight) -> None:
+        """Serve steps of up to QUANTIZED_MAX_TOKENS tokens from `weight` (GGUF blocks; the same
+        values as the float weight, which larger steps keep using: see gguf_weights)."""
+        if weight.shape != (self.out_features, self.in_features):
+            raise ValueError(f"a quantized weight {list(weight.shape)} does not fit a linear "
+                             f"[{self.out_features}, {self.in_features}]")
+        self.quantized = weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None and x.dim() == 2 and x.shape[0] <= QUANTIZED_MAX_TOKENS and decoder_cpu.usable(x):
+            return quant_cpu.linear(x, self.quantized, self.bias)  # [T, N]
         if x.dim() == 2 and x.shape[0] <= GEMV_MAX_TOKENS and decoder_cpu.usable(x):
             return decoder_cpu.linear(x, self.weight, self.bias)  # [T, N]
         if self._packed is not None:

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -22,6 +23,8 @@
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
+
+#include "quant_cpu.h"  // GGUF-quantized projections inside the decode step
 
 namespace {
 
@@ -234,8 +237,11 @@ inline void attend(const float* qh, const float* k_cache, const float* v_cache, 
 // quarter of the step. Here one parallel region runs the whole step: the GEMVs split their rows
 // between the threads, the small operations run on one thread, and barriers order them.
 
-struct LinearDesc {  // y = x @ W^T (+ bias): W [n, k] float32, rows contiguous
-  const float* weight;
+enum : int64_t { kFloat32 = 0, kQ4_1 = 1, kQ8_0 = 2 };
+
+struct LinearDesc {  // y = x @ W^T (+ bias) for W [n, k]
+  int64_t kind;  // kFloat32: W float32, rows contiguous; kQ4_1, kQ8_0: W repacked as quant_cpu.h lays it out
+  const void* weight;
   const float* bias;  // [n] or NULL
   int64_t n, k;
 };
@@ -257,10 +263,28 @@ struct ModelDesc {
   LinearDesc lm_head;
 };
 
-// rows [n0, n1) of x [T, k] @ L^T for T tokens (x row stride = k, y row stride = sy)
-inline void linear_range(const LinearDesc& L, const float* x, int64_t tokens, float* y, int64_t sy, int64_t n0,
-                         int64_t n1) {
-  gemv_range(L.weight, L.k, L.bias, x, L.k, tokens, y, sy, n0, n1);
+// rows [n0, n1) of x [T, k] @ L^T for T tokens (x row stride = k, y row stride = sy); a quantized
+// weight reads the activations quantized into xq (quantize_for) instead
+inline void linear_range(const LinearDesc& L, const float* x, const uint8_t* xq, int64_t tokens, float* y, int64_t sy,
+                         int64_t n0, int64_t n1) {
+  if (L.kind == kFloat32) {
+    gemv_range(static_cast<const float*>(L.weight), L.k, L.bias, x, L.k, tokens, y, sy, n0, n1);
+  } else {
+    const auto kind = L.kind == kQ4_1 ? loraplex_quant::Kind::kQ4_1 : loraplex_quant::Kind::kQ8_0;
+    loraplex_quant::gemv_part(kind, static_cast<const uint8_t*>(L.weight), L.k, xq, tokens, L.bias, y, sy, false, n0,
+                              n1);
+  }
+}
+
+// the activations x [T, k] quantized into xq when L reads them so (one thread)
+inline void quantize_for(const LinearDesc& L, const float* x, int64_t tokens, uint8_t* xq) {
+  if (L.kind != kFloat32) loraplex_quant::quantize_activations(x, L.k, tokens, L.k, xq, 1);
+}
+
+// thread t's share [first, second) of n rows, cut at even rows (the quantized GEMV reads row pairs)
+inline std::pair<int64_t, int64_t> share(int64_t n, int t, int nt) {
+  const auto cut = [&](int64_t i) { return i == nt ? n : std::min(n, (n * i / nt + 1) & ~int64_t{1}); };
+  return {cut(t), cut(t + 1)};
 }
 
 }  // namespace
@@ -342,8 +366,10 @@ void loraplex_decode_step(const ModelDesc* m, int64_t tokens, float* residual, c
   const int64_t H = m->hidden, D = m->head_dim, I = m->inner, T = tokens;
   const int64_t q_size = m->q_heads * D, kv_size = m->kv_heads * D, qkv_size = q_size + 2 * kv_size;
   const int64_t group = m->q_heads / m->kv_heads;
-  // activations [T, width] each, shared by the threads
+  // activations [T, width] each, shared by the threads; xq: the input of a quantized projection
   std::vector<float> x(T * H), hidden(T * H), qkv(T * qkv_size), attn(T * q_size), gate_up(T * 2 * I), act(T * I);
+  std::vector<uint8_t> xq_buffer(T * loraplex_quant::activation_row_bytes(std::max({H, q_size, I})) + 64);
+  uint8_t* xq = xq_buffer.data() + (64 - reinterpret_cast<uintptr_t>(xq_buffer.data()) % 64) % 64;
 #pragma omp parallel num_threads(threads)
   {
 #if defined(_OPENMP)
@@ -351,16 +377,19 @@ void loraplex_decode_step(const ModelDesc* m, int64_t tokens, float* residual, c
 #else
     const int t = 0, nt = 1;
 #endif
-    const auto lo = [&](int64_t n) { return n * t / nt; };  // this thread's share of n rows: [lo, hi)
-    const auto hi = [&](int64_t n) { return n * (t + 1) / nt; };
     std::vector<float> scores, acc;  // attention scratch, this thread's
+    const auto [i0, i1] = share(I, t, nt);  // this thread's inner units: their gate and up rows
     for (int64_t l = 0; l < m->num_layers; ++l) {
       const LayerDesc& L = m->layers[l];
 #pragma omp single
-      for (int64_t r = 0; r < T; ++r)  // layer 0 normalises the embeddings; later ones add the MLP output first
-        rms_norm_row(l == 0 ? residual + r * H : hidden.data() + r * H, l == 0 ? nullptr : residual + r * H,
-                     L.input_norm, x.data() + r * H, H, m->eps);
-      linear_range(L.qkv, x.data(), T, qkv.data(), qkv_size, lo(qkv_size), hi(qkv_size));
+      {
+        for (int64_t r = 0; r < T; ++r)  // layer 0 normalises the embeddings; later ones add the MLP output first
+          rms_norm_row(l == 0 ? residual + r * H : hidden.data() + r * H, l == 0 ? nullptr : residual + r * H,
+                       L.input_norm, x.data() + r * H, H, m->eps);
+        quantize_for(L.qkv, x.data(), T, xq);
+      }
+      const auto [q0, q1] = share(qkv_size, t, nt);
+      linear_range(L.qkv, x.data(), xq, T, qkv.data(), qkv_size, q0, q1);
 #pragma omp barrier
 #pragma omp single
       for (int64_t r = 0; r < T; ++r) {  // q and k rotated, then k and v written to the cache
@@ -376,26 +405,38 @@ void loraplex_decode_step(const ModelDesc* m, int64_t tokens, float* residual, c
                context_lens[b], L.window, block_size, m->kv_heads, h, group, D, m->scale, scores, acc,
                attn.data() + b * q_size + h * group * D);
       }
-      linear_range(L.o, attn.data(), T, hidden.data(), H, lo(H), hi(H));
+#pragma omp single
+      quantize_for(L.o, attn.data(), T, xq);
+      const auto [h0, h1] = share(H, t, nt);
+      linear_range(L.o, attn.data(), xq, T, hidden.data(), H, h0, h1);
 #pragma omp barrier
 #pragma omp single
-      for (int64_t r = 0; r < T; ++r)
-        rms_norm_row(hidden.data() + r * H, residual + r * H, L.post_norm, x.data() + r * H, H, m->eps);
+      {
+        for (int64_t r = 0; r < T; ++r)
+          rms_norm_row(hidden.data() + r * H, residual + r * H, L.post_norm, x.data() + r * H, H, m->eps);
+        quantize_for(L.gate_up, x.data(), T, xq);
+      }
       // each thread computes the gate and up rows of its share of the inner units, then their product
-      linear_range(L.gate_up, x.data(), T, gate_up.data(), 2 * I, lo(I), hi(I));
-      linear_range(L.gate_up, x.data(), T, gate_up.data(), 2 * I, I + lo(I), I + hi(I));
+      linear_range(L.gate_up, x.data(), xq, T, gate_up.data(), 2 * I, i0, i1);
+      linear_range(L.gate_up, x.data(), xq, T, gate_up.data(), 2 * I, I + i0, I + i1);
       for (int64_t r = 0; r < T; ++r) {
         const float* g = gate_up.data() + r * 2 * I;
-        silu_and_mul_row(g + lo(I), g + I + lo(I), act.data() + r * I + lo(I), hi(I) - lo(I));
+        silu_and_mul_row(g + i0, g + I + i0, act.data() + r * I + i0, i1 - i0);
       }
 #pragma omp barrier
-      linear_range(L.down, act.data(), T, hidden.data(), H, lo(H), hi(H));
+#pragma omp single
+      quantize_for(L.down, act.data(), T, xq);
+      linear_range(L.down, act.data(), xq, T, hidden.data(), H, h0, h1);
 #pragma omp barrier
     }
 #pragma omp single
-    for (int64_t r = 0; r < T; ++r)
-      rms_norm_row(hidden.data() + r * H, residual + r * H, m->final_norm, x.data() + r * H, H, m->eps);
-    linear_range(m->lm_head, x.data(), T, logits, m->lm_head.n, lo(m->lm_head.n), hi(m->lm_head.n));
+    {
+      for (int64_t r = 0; r < T; ++r)
+        rms_norm_row(hidden.data() + r * H, residual + r * H, m->final_norm, x.data() + r * H, H, m->eps);
+      quantize_for(m->lm_head, x.data(), T, xq);
+    }
+    const auto [v0, v1] = share(m->lm_head.n, t, nt);
+    linear_range(m->lm_head, x.data(), xq, T, logits, m->lm_head.n, v0, v1);
   }
 }
 
