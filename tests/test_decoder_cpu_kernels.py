@@ -78,19 +78,20 @@ def reference_decode(q, k_cache, v_cache, tables, lens, block_size, window, scal
     return out
 
 
+@pytest.mark.parametrize("copies", [1, 3])  # 3 sequences: a work item per KV head; 9: per sequence
 @pytest.mark.parametrize("window", [None, 5])
-def test_decode_attention_reads_only_each_context_through_the_block_table(window: int | None) -> None:
+def test_decode_attention_reads_only_each_context_through_the_block_table(window: int | None, copies: int) -> None:
     gen = torch.Generator().manual_seed(0)
     block_size, num_blocks, hkv, hq, d = 4, 12, 3, 9, 64
     k_cache = torch.randn(num_blocks * block_size, hkv, d, generator=gen)
     v_cache = torch.randn(num_blocks * block_size, hkv, d, generator=gen)
-    tables = torch.tensor([[7, 2, 9, 0], [3, 0, 0, 0], [11, 5, 1, 8]])  # padded with block 0
-    lens = torch.tensor([10, 1, 16])
+    tables = torch.tensor([[7, 2, 9, 0], [3, 0, 0, 0], [11, 5, 1, 8]] * copies)  # padded with block 0
+    lens = torch.tensor([10, 1, 16] * copies)
     # everything outside the contexts is poison: no NaN may reach an output
-    used = {int(tables[b, p // block_size]) * block_size + p % block_size for b in range(3) for p in range(lens[b])}
+    used = {int(tables[b, p // block_size]) * block_size + p % block_size for b in range(len(lens)) for p in range(lens[b])}
     for slot in set(range(num_blocks * block_size)) - used:
         k_cache[slot], v_cache[slot] = float("nan"), float("inf")
-    q = torch.randn(3, hq, d, generator=gen)
+    q = torch.randn(len(lens), hq, d, generator=gen)
     out = torch.empty_like(q)
     decoder_cpu.decode_attention(q, k_cache, v_cache, tables, lens, block_size, window, d**-0.5, out)
     assert torch.isfinite(out).all()

@@ -37,7 +37,7 @@ IGNORED = [
 # (name, value, a phrase of the fix)
 REFUSED = [
     ("tensor_parallel_size", 2, "one device"), ("pipeline_parallel_size", 2, "one loraplex per GPU"),
-    ("data_parallel_size", 4, "one device"), ("quantization", "awq", "unquantized"),
+    ("data_parallel_size", 4, "one device"), ("quantization", "awq", "quantization unset or pass 'gguf'"),
     ("kv_cache_dtype", "fp8", "leave kv_cache_dtype at 'auto'"), ("cpu_offload_gb", 4, "leave cpu_offload_gb at 0"),
     ("worker_cls", "my.Worker", "leave worker_cls at 'auto'"), ("load_format", "dummy", "leave load_format at 'auto'"),
     ("tokenizer_mode", "mistral", "leave tokenizer_mode at 'auto'"), ("max_logprobs", 100, "in [0, 20]"),
@@ -125,4 +125,4 @@ def test_serve_flags() -> None:
     with pytest.raises(ConfigError, match="tensor_parallel_size=2 cannot be honoured: loraplex runs on one device"):
         engine_args_from(refused)
     help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
-    assert "--quantization" in help_text and "unquantized" in help_text
+    assert "--quantization" in help_text and "GGUF weights" in help_text

@@ -188,40 +188,42 @@ inline void silu_and_mul_row(const float* g, const float* u, float* o, int64_t n
   for (; i < n; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
 }
 
-// One sequence's single-token query heads sharing KV head h, over keys [lo, len) of its paged
-// context (see loraplex_decode_attention); `scores` and `acc` are the caller's scratch.
-inline void attend(const float* qh, const float* k_cache, const float* v_cache, const int64_t* table, int64_t len,
-                   int64_t window, int64_t block_size, int64_t kv_heads, int64_t h, int64_t group, int64_t d,
-                   float scale, std::vector<float>& scores, std::vector<float>& acc, float* o) {
+// One sequence's single-token query heads of KV heads [h0, h1) (their `group` query heads each,
+// contiguous from q), over keys [lo, len) of its paged context (see loraplex_decode_attention);
+// `scores` and `acc` are the caller's scratch. Each key position's rows of those heads are
+// adjacent in the cache, so taking all heads of a sequence at once reads one stretch per key.
+inline void attend(const float* q, const float* k_cache, const float* v_cache, const int64_t* table, int64_t len,
+                   int64_t window, int64_t block_size, int64_t kv_heads, int64_t h0, int64_t h1, int64_t group,
+                   int64_t d, float scale, std::vector<float>& scores, std::vector<float>& acc, float* o) {
   const int64_t lo = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-  const int64_t n = len - lo;
+  const int64_t n = len - lo, rows = (h1 - h0) * group;  // keys, query heads
   const int64_t stride = kv_heads * d;  // from one position's key to the next one's in a block
-  // calls fn(j, offset of key j's head-h row in the caches) for j = 0 .. n-1, block by block
+  // calls fn(j, offset of key j's head-h0 row in the caches) for j = 0 .. n-1, block by block
   const auto for_each_key = [&](auto&& fn) {
     for (int64_t pos = lo; pos < len;) {
       const int64_t in_block = pos % block_size, run = std::min(block_size - in_block, len - pos);
-      const int64_t first = (table[pos / block_size] * block_size + in_block) * stride + h * d;
+      const int64_t first = (table[pos / block_size] * block_size + in_block) * stride + h0 * d;
       for (int64_t r = 0; r < run; ++r) fn(pos - lo + r, first + r * stride);
       pos += run;
     }
   };
-  scores.resize(group * n);
-  acc.assign(group * d, 0.f);
+  scores.resize(rows * n);  // [query head, key]
+  acc.assign(rows * d, 0.f);  // [query head, D]
   for_each_key([&](int64_t j, int64_t at) {
-    for (int64_t g = 0; g < group; ++g) scores[g * n + j] = dot(qh + g * d, k_cache + at, d) * scale;
+    for (int64_t r = 0; r < rows; ++r) scores[r * n + j] = dot(q + r * d, k_cache + at + r / group * d, d) * scale;
   });
-  for (int64_t g = 0; g < group; ++g) {
-    float* sc = scores.data() + g * n;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* sc = scores.data() + r * n;
     const float top = *std::max_element(sc, sc + n);
     const float inv = 1.f / exp_shifted(sc, n, top);
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) sc[j] *= inv;
   }
   for_each_key([&](int64_t j, int64_t at) {
-    const float* v = v_cache + at;
-    for (int64_t g = 0; g < group; ++g) {
-      const float p = scores[g * n + j];
-      float* a = acc.data() + g * d;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float p = scores[r * n + j];
+      const float* v = v_cache + at + r / group * d;
+      float* a = acc.data() + r * d;
 #pragma omp simd
       for (int64_t i = 0; i < d; ++i) a[i] += p * v[i];
     }
@@ -229,6 +231,11 @@ inline void attend(const float* qh, const float* k_cache, const float* v_cache, 
   std::copy(acc.begin(), acc.end(), o);
 }
 
+// KV heads per attention work item: a sequence's all when there are sequences enough to keep
+// every thread busy, else one (a single stream's heads then spread over the threads)
+inline int64_t heads_per_item(int64_t seqs, int64_t kv_heads, int threads) {
+  return seqs >= 2 * threads ? kv_heads : 1;
+}
 
 // ---- the decode step: every decoder layer, the final norm and the LM head in one call -----------
 //
@@ -347,11 +354,12 @@ void loraplex_decode_attention(const float* q, int64_t sq, const float* k_cache,
 #pragma omp parallel num_threads(threads) if (parallel)
   {
     std::vector<float> scores, acc;  // [group, context], [group, D]
+    const int64_t per = heads_per_item(seqs, kv_heads, threads), parts = kv_heads / per;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < seqs * kv_heads; ++item) {
-      const int64_t b = item / kv_heads, h = item % kv_heads;
+    for (int64_t item = 0; item < seqs * parts; ++item) {
+      const int64_t b = item / parts, h = item % parts * per;
       attend(q + b * sq + h * group * d, k_cache, v_cache, block_tables + b * table_stride, context_lens[b], window,
-             block_size, kv_heads, h, group, d, scale, scores, acc, out + b * so + h * group * d);
+             block_size, kv_heads, h, h + per, group, d, scale, scores, acc, out + b * so + h * group * d);
     }
   }
 }
@@ -379,6 +387,7 @@ void loraplex_decode_step(const ModelDesc* m, int64_t tokens, float* residual, c
 #endif
     std::vector<float> scores, acc;  // attention scratch, this thread's
     const auto [i0, i1] = share(I, t, nt);  // this thread's inner units: their gate and up rows
+    const int64_t per = heads_per_item(T, m->kv_heads, nt), parts = m->kv_heads / per;  // attention items
     for (int64_t l = 0; l < m->num_layers; ++l) {
       const LayerDesc& L = m->layers[l];
 #pragma omp single
@@ -399,10 +408,10 @@ void loraplex_decode_step(const ModelDesc* m, int64_t tokens, float* residual, c
         std::copy(row + q_size + kv_size, row + qkv_size, L.v_cache + slots[r] * kv_size);
       }
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t item = 0; item < T * m->kv_heads; ++item) {
-        const int64_t b = item / m->kv_heads, h = item % m->kv_heads;
+      for (int64_t item = 0; item < T * parts; ++item) {
+        const int64_t b = item / parts, h = item % parts * per;
         attend(qkv.data() + b * qkv_size + h * group * D, L.k_cache, L.v_cache, block_tables + b * table_stride,
-               context_lens[b], L.window, block_size, m->kv_heads, h, group, D, m->scale, scores, acc,
+               context_lens[b], L.window, block_size, m->kv_heads, h, h + per, group, D, m->scale, scores, acc,
                attn.data() + b * q_size + h * group * D);
       }
 #pragma omp single
