@@ -30,7 +30,8 @@ from gguf import GGMLQuantizationType
 from .native_cpu import build_library
 
 __all__ = ["GGUF_TYPES", "QuantizedWeight", "available", "isa", "from_gguf", "dequantize_gguf", "permute_rows",
-           "concat_rows", "quantize_activations", "gemv", "linear", "dequantize", "embedding"]
+           "concat_rows", "quantize_activations", "gemv", "linear", "dequantize", "embedding", "row_bytes",
+           "activation_row_bytes", "regions", "slot_values", "activation_slots"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ _SIGNATURES = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class QuantizedWeight:
     """A linear weight [out_features, in_features] in a GGUF block format, repacked for the kernels.
 
@@ -115,7 +116,8 @@ def activation_row_bytes(in_features: int) -> int:
 
 def from_gguf(raw: np.ndarray, ggml_type: GGMLQuantizationType | int, shape: Sequence[int]) -> QuantizedWeight:
     """The weight of shape [N, K] whose GGUF bytes are `raw` (a `gguf.GGUFReader` tensor's `data`:
-    uint8, N rows of K / 32 blocks, any shape holding those bytes), repacked.
+    uint8, N rows of K / 32 blocks, any shape holding those bytes), repacked. Note the order: a
+    ReaderTensor's `shape` lists ggml's dimensions fastest first, [K, N].
 
     Only the types in `GGUF_TYPES` are supported; the loader dequantizes others itself."""
     kind = _kind_of(ggml_type)
@@ -129,7 +131,8 @@ def from_gguf(raw: np.ndarray, ggml_type: GGMLQuantizationType | int, shape: Seq
     blocks = np.ascontiguousarray(raw).reshape(n, k // BLOCK, BLOCK_BYTES[kind])  # [N, nb, block bytes]
     values, scales = _gguf_values(kind, blocks)  # uint8 [N, K] in value order, uint8 [N, nb, 2 or 4]
     layout = _layout(kind, k)
-    packed = np.empty((n, rb), dtype=np.uint8)  # [N, row bytes]
+    data = torch.empty(n, rb, dtype=torch.uint8)  # [N, row bytes]: torch's allocation is 64-byte aligned
+    packed = data.numpy()  # filled in place
     if kind == "q4_1":
         packed[:, layout.nibble_bytes] = values[:, layout.low_values] | (values[:, layout.high_values] << 4)
         packed[:, layout.d_bytes] = scales[:, :, 0:2].reshape(n, -1)
@@ -137,7 +140,7 @@ def from_gguf(raw: np.ndarray, ggml_type: GGMLQuantizationType | int, shape: Seq
     else:
         packed[:, layout.value_bytes] = values
         packed[:, layout.d_bytes] = scales.reshape(n, -1)
-    return QuantizedWeight(kind, n, k, torch.from_numpy(packed))
+    return QuantizedWeight(kind, n, k, data)
 
 
 def dequantize_gguf(raw: np.ndarray, ggml_type: GGMLQuantizationType | int, shape: Sequence[int]) -> torch.Tensor:

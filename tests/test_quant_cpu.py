@@ -176,6 +176,8 @@ def test_activation_quantization_is_llama_cpp_q8_1(k: int) -> None:
     np.testing.assert_array_equal(s, s_ref)
     np.testing.assert_array_equal(qsum, q_ref.sum(axis=2))
     assert np.abs(q).max() <= 127
+    assert quant_cpu._lib().loraplex_quant_activation_row_bytes(k) == quant_cpu.activation_row_bytes(k)
+    np.testing.assert_array_equal(quant_cpu.activation_slots(k), slot_values(k))  # the module's layout helper agrees
 
 
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])

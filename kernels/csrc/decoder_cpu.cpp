@@ -288,11 +288,8 @@ inline void quantize_for(const LinearDesc& L, const float* x, int64_t tokens, ui
   if (L.kind != kFloat32) loraplex_quant::quantize_activations(x, L.k, tokens, L.k, xq, 1);
 }
 
-// thread t's share [first, second) of n rows, cut at even rows (the quantized GEMV reads row pairs)
-inline std::pair<int64_t, int64_t> share(int64_t n, int t, int nt) {
-  const auto cut = [&](int64_t i) { return i == nt ? n : std::min(n, (n * i / nt + 1) & ~int64_t{1}); };
-  return {cut(t), cut(t + 1)};
-}
+// thread t's share [first, second) of n rows: one contiguous stretch each
+inline std::pair<int64_t, int64_t> share(int64_t n, int t, int nt) { return {n * t / nt, n * (t + 1) / nt}; }
 
 }  // namespace
 
