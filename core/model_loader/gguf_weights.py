@@ -15,6 +15,8 @@ are put back in Hugging Face order here, as transformers does when it reads a GG
 
 from __future__ import annotations
 
+import collections
+import logging
 from pathlib import Path
 
 import torch
@@ -22,9 +24,9 @@ import torch
 from ..errors import ConfigError
 from ..kernels import quant_cpu
 
-__all__ = ["QUANTIZATION_METHODS", "find_gguf_file", "attach_gguf_weights"]
+__all__ = ["find_gguf_file", "attach_gguf_weights"]
 
-QUANTIZATION_METHODS = ("gguf",)
+logger = logging.getLogger(__name__)
 
 # GGUF tensor name of each projection slice, in the order of our packed linears
 _PROJECTIONS = {
@@ -92,6 +94,11 @@ def attach_gguf_weights(model: torch.nn.Module, gguf_file: Path) -> None:
             linear.attach_quantized(quant_cpu.concat_rows(parts) if len(parts) > 1 else parts[0])
     head = "token_embd" if model.tie_word_embeddings else "output"
     model.lm_head.attach_quantized(weight(head))
+    attached = [m.quantized for m in model.modules() if getattr(m, "quantized", None) is not None]
+    kinds = collections.Counter(w.kind for w in attached)
+    logger.info("quantization='gguf': %d projections read %s (%.0f MB) from %s in decode steps", len(attached),
+                ", ".join(f"{n} {k.upper()}" for k, n in sorted(kinds.items())), sum(w.nbytes for w in attached) / 1e6,
+                gguf_file)
 
 
 def _unpermute_rows(rows: int, heads: int) -> torch.Tensor:
