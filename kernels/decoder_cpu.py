@@ -23,7 +23,7 @@ import torch
 from .native_cpu import build_library
 
 __all__ = ["available", "usable", "linear", "rms_norm", "rotary_", "silu_and_mul", "decode_attention",
-           "LinearDesc", "LayerDesc", "ModelDesc", "LINEAR_KINDS", "decode_step"]
+           "LinearDesc", "LoRADesc", "LayerDesc", "ModelDesc", "LINEAR_KINDS", "decode_step"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +40,20 @@ class LinearDesc(ctypes.Structure):
 LINEAR_KINDS = {"float32": 0, "q4_1": 1, "q8_0": 2}  # float32 rows, or quant_cpu's repacked GGUF blocks
 
 
+class LoRADesc(ctypes.Structure):
+    """`LoRADesc`: a projection's LoRA slots (slot 0's A and B^T, the elements from one slot to the
+    next, slices, rank, 0 = float32 / 1 = bfloat16, each slice's first output row); all zero: none."""
+
+    _fields_ = [("a", _PTR), ("b", _PTR), ("slot_stride", _I64), ("n_slices", _I64), ("rank", _I64),
+                ("dtype", _I64), ("offsets", _PTR)]
+
+
 class LayerDesc(ctypes.Structure):
-    """`LayerDesc`: one decoder layer's norms, projections, KV cache and sliding window."""
+    """`LayerDesc`: one decoder layer's norms, projections, their LoRA slots, KV cache and sliding window."""
 
     _fields_ = [("input_norm", _PTR), ("post_norm", _PTR), ("qkv", LinearDesc), ("o", LinearDesc),
-                ("gate_up", LinearDesc), ("down", LinearDesc), ("k_cache", _PTR), ("v_cache", _PTR),
+                ("gate_up", LinearDesc), ("down", LinearDesc), ("qkv_lora", LoRADesc), ("o_lora", LoRADesc),
+                ("gate_up_lora", LoRADesc), ("down_lora", LoRADesc), ("k_cache", _PTR), ("v_cache", _PTR),
                 ("window", _I64)]
 
 
@@ -63,7 +72,7 @@ _SIGNATURES = {
     "loraplex_decode_attention": [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _I64,
                                   _F32, _PTR, _I64, _INT],
     "loraplex_decode_step": [ctypes.POINTER(ModelDesc), _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR,
-                             _INT],
+                             _PTR, _INT],
 }
 
 
@@ -159,11 +168,17 @@ def decode_step(
     block_tables: torch.Tensor,  # [T, nb] int64, unit stride: each sequence's blocks
     context_lens: torch.Tensor,  # [T] int64: its context, the new token included
     block_size: int,
+    lora_slots: torch.Tensor | None,  # [T] int64: each token's LoRA slot (-1: none); None: no token has one
     logits: torch.Tensor,  # [T, V] contiguous: written
 ) -> torch.Tensor:
-    """Every decoder layer, the final norm and the LM head for `T` single-token decodes in one
-    call (`ModelDesc` holds the pointers; the caller keeps the tensors behind them alive)."""
+    """Every decoder layer (with its LoRA deltas), the final norm and the LM head for `T`
+    single-token decodes in one call (`ModelDesc` holds the pointers; the caller keeps the tensors
+    behind them alive)."""
     t = residual.shape[0]
+    if lora_slots is not None and (lora_slots.dtype is not torch.int64 or lora_slots.shape != (t,)
+                                   or not lora_slots.is_contiguous()):
+        raise ValueError(f"decode_step takes lora_slots as contiguous int64 [{t}]; got {lora_slots.dtype} "
+                         f"{tuple(lora_slots.shape)}")
     tensors = (residual, cos, sin, slots, context_lens, logits)
     if (any(not x.is_contiguous() for x in tensors) or block_tables.stride(1) != 1 or slots.dtype is not torch.int64
             or block_tables.dtype is not torch.int64 or context_lens.dtype is not torch.int64
@@ -173,8 +188,8 @@ def decode_step(
                          f"{block_tables.dtype} {tuple(block_tables.shape)}, context_lens {tuple(context_lens.shape)}")
     _library().loraplex_decode_step(
         ctypes.byref(model), t, residual.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
-        block_tables.data_ptr(), block_tables.stride(0), context_lens.data_ptr(), block_size, logits.data_ptr(),
-        torch.get_num_threads(),
+        block_tables.data_ptr(), block_tables.stride(0), context_lens.data_ptr(), block_size,
+        lora_slots.data_ptr() if lora_slots is not None else None, logits.data_ptr(), torch.get_num_threads(),
     )
     return logits
 

@@ -63,21 +63,32 @@ def test_models_with_per_head_norms_decode_layer_by_layer(tiny, native_calls) ->
     assert native_calls == []
 
 
-def test_a_step_with_an_adapter_goes_layer_by_layer(tiny, tmp_path, native_calls, monkeypatch) -> None:  # noqa: F811
-    """The native step applies no adapter: a step where any token has one runs the LoRA-wrapped
-    layers, and base-model steps of the same engine still run natively."""
-    adapter = make_adapter(tiny.hf("llama"), tmp_path / "adapter", seed=7, r=8, lora_alpha=16,
-                           target_modules=["q_proj", "v_proj", "down_proj"])
-    llm = LLM(str(tiny.path("llama")), enable_lora=True, max_loras=1, max_lora_rank=8)
-    lora = LoRARequest("a", 1, str(adapter))
+@pytest.mark.parametrize("lora_dtype", ["float32", "bfloat16", "float16"])
+def test_steps_with_adapters_add_their_deltas_as_the_layers_do(tiny, tmp_path, native_calls, monkeypatch,  # noqa: F811
+                                                             lora_dtype: str) -> None:
+    """Single streams and pairs mixing two adapters and the base model: the native step adds each
+    token's own adapter (or none), as the LoRA-wrapped layers do. float16 slots are not read
+    natively: steps with adapters then go layer by layer."""
+    base = tiny.hf("llama")
+    targets = [["q_proj", "v_proj", "down_proj"], ["k_proj", "o_proj", "gate_proj", "up_proj"]]
+    loras = [LoRARequest(f"a{i}", i + 1, str(make_adapter(base, tmp_path / f"a{i}", seed=7 + i, r=4 + 4 * i,
+                                                          lora_alpha=16, target_modules=modules)))
+             for i, modules in enumerate(targets)]
+    llm = LLM(str(tiny.path("llama")), enable_lora=True, max_loras=2, max_lora_rank=8, lora_dtype=lora_dtype,
+              block_size=4)
 
     def run() -> list:
-        with_adapter = llm.generate([PROMPTS[0]], PARAMS, lora_request=lora, use_tqdm=False)
-        base = llm.generate([PROMPTS[0]], PARAMS, use_tqdm=False)
-        return [o.outputs[0] for o in with_adapter + base]
+        outputs = []
+        for requests in ([loras[0]], [loras[1]], [loras[0], loras[1]], [loras[1], None], [None]):
+            prompts = [PROMPTS[i] for i in range(len(requests))]
+            outputs += llm.generate(prompts, PARAMS, lora_request=requests, use_tqdm=False)
+        return [o.outputs[0] for o in outputs]
 
     native = run()
-    assert native_calls and len(native_calls) <= PARAMS.max_tokens  # the base request's decodes only
-    assert native[0].token_ids != native[1].token_ids  # the adapter changed the answer
+    assert 1 in native_calls and (2 in native_calls) == (lora_dtype != "float16")  # pairs all have an adapter
+    assert native[0].token_ids != native[1].token_ids != native[-1].token_ids  # each adapter changed the answer
     monkeypatch.setattr(NativeDecodeStep, "serves", lambda *args: False)
-    assert_same_outputs(native, run())
+    native_calls.clear()
+    reference = run()
+    assert native_calls == []
+    assert_same_outputs(native, reference)

@@ -11,8 +11,11 @@ It serves a step when all of these hold, else the model runs layer by layer as u
   context lengths: `meta.decode_context_lens`), and no per-head q/k norm (Qwen3);
 - the step is decodes only, without image embeddings, and few enough that streaming each weight
   once per 4 tokens beats the packed GEMM (layers.GEMV_MAX_TOKENS; QUANTIZED_MAX_TOKENS for GGUF
-  weights);
-- no token of the step has a LoRA adapter (the per-layer path applies adapters).
+  weights).
+
+Tokens with LoRA adapters get their deltas inside the step, from the LoRA manager's slots, as
+the LoRA-wrapped layers would add them (core/lora/layers.py); float32 and bfloat16 slots (a
+float16 `lora_dtype` sends steps with adapters layer by layer).
 """
 
 from __future__ import annotations
@@ -32,15 +35,18 @@ class NativeDecodeStep:
 
     def __init__(self, model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         # the step state of each LoRA-wrapped linear (one object shared by all of them)
-        self._lora_states = {id(s): s for layer in model.layers for name in ("qkv_proj", "o_proj", "gate_up_proj",
-                             "down_proj") if (s := getattr(getattr(layer, name), "state", None)) is not None}
+        self._lora_states = {id(s): s for layer in model.layers for name in _PROJECTIONS
+                             if (s := getattr(getattr(layer, name), "state", None)) is not None}
         first = model.layers[0]
         quantized = _plain_linear(first.qkv_proj).quantized is not None
         self.max_tokens = QUANTIZED_MAX_TOKENS if quantized else GEMV_MAX_TOKENS
+        self._offsets: list[torch.Tensor] = []  # each LoRA-wrapped projection's slice offsets, kept alive
+        self.adapters_native = True  # whether steps with adapters can run natively (see _lora)
         self._layers = (decoder_cpu.LayerDesc * len(model.layers))(*(
             decoder_cpu.LayerDesc(
                 layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
-                _linear(layer.qkv_proj), _linear(layer.o_proj), _linear(layer.gate_up_proj), _linear(layer.down_proj),
+                *(_linear(getattr(layer, name)) for name in _PROJECTIONS),
+                *(self._lora(getattr(layer, name)) for name in _PROJECTIONS),
                 k_cache.data_ptr(), v_cache.data_ptr(), (model.sliding_window or 0) if layer.attn.sliding else 0,
             )
             for layer, (k_cache, v_cache) in zip(model.layers, kv_caches)
@@ -62,12 +68,36 @@ class NativeDecodeStep:
                     for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
         )
 
+    def _lora(self, module: torch.nn.Module) -> decoder_cpu.LoRADesc:
+        """Where a LoRA-wrapped projection's adapters sit (see core/lora/slot_layout.py); zeros for
+        a projection without."""
+        lora_a, lora_b = getattr(module, "lora_a", None), getattr(module, "lora_b", None)
+        if lora_a is None:
+            return decoder_cpu.LoRADesc()
+        if lora_a.dtype not in _LORA_DTYPES:  # float16 slots: steps with adapters go layer by layer
+            self.adapters_native = False
+            return decoder_cpu.LoRADesc()
+        offsets = torch.tensor(module.slice_offsets, dtype=torch.int64)
+        self._offsets.append(offsets)
+        return decoder_cpu.LoRADesc(lora_a.data_ptr(), lora_b.data_ptr(), lora_a.stride(0), len(module.output_sizes),
+                                    lora_b.shape[2], _LORA_DTYPES[lora_a.dtype], offsets.data_ptr())
+
     def serves(self, tokens: int, meta: AttentionMetadata) -> bool:
         """Whether this step (`tokens` tokens laid out by `meta`) can run natively."""
         return (
             0 < tokens <= self.max_tokens and meta.num_prefill_tokens == 0 and meta.decode_context_lens is not None
-            and not any(state.mapping is not None and state.mapping.any_active for state in self._lora_states.values())
+            and (self.adapters_native or self._lora_slots(tokens) is None)
         )
+
+    def _lora_slots(self, tokens: int) -> torch.Tensor | None:
+        """[T] int64 each token's LoRA slot (-1: none), or None when no token of the step has one."""
+        mapping = next(iter(self._lora_states.values())).mapping if self._lora_states else None
+        if mapping is None or not mapping.any_active:
+            return None
+        slots = torch.full((tokens,), -1, dtype=torch.int64)
+        for slot, start, end in mapping.runs_host:
+            slots[start:end] = slot
+        return slots
 
     def __call__(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
                  meta: AttentionMetadata) -> torch.Tensor:  # [T, V] float32
@@ -76,7 +106,11 @@ class NativeDecodeStep:
         logits = torch.empty(t, self.desc.lm_head.n, dtype=torch.float32)  # [T, V]
         return decoder_cpu.decode_step(self.desc, hidden.contiguous(), cos.reshape(t, -1), sin.reshape(t, -1),
                                        meta.slot_mapping, meta.decode_blocks, meta.decode_context_lens,
-                                       meta.block_size, logits)
+                                       meta.block_size, self._lora_slots(t), logits)
+
+
+_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+_LORA_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 def _plain_linear(module: torch.nn.Module) -> Linear:

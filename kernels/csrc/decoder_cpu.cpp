@@ -15,6 +15,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <initializer_list>
+#include <type_traits>
 #include <utility>
 #include <vector>
 #if defined(__AVX512F__)
@@ -253,10 +256,22 @@ struct LinearDesc {  // y = x @ W^T (+ bias) for W [n, k]
   int64_t n, k;
 };
 
+// A projection's LoRA adapters where the LoRA manager keeps them (core/lora/slot_layout.py): per
+// slot, A [n_slices * rank, k] and B transposed, [rank, n], the scaling folded into B; a padded
+// rank's rows are zero. `a` is NULL for a projection no adapter can touch.
+struct LoRADesc {
+  const void* a;  // slot 0's A; slot s's is slot_stride elements on
+  const void* b;  // slot 0's B^T
+  int64_t slot_stride, n_slices, rank;
+  int64_t dtype;  // 0: float32, 1: bfloat16
+  const int64_t* offsets;  // [n_slices + 1] the output rows of each slice
+};
+
 struct LayerDesc {
   const float* input_norm;  // [H]
   const float* post_norm;   // [H]
   LinearDesc qkv, o, gate_up, down;  // gate_up: the gate rows, then the up rows
+  LoRADesc qkv_lora, o_lora, gate_up_lora, down_lora;
   float* k_cache;  // [slots, Hkv, D]
   float* v_cache;
   int64_t window;  // sliding window of this layer, 0 for none
@@ -280,6 +295,82 @@ inline void linear_range(const LinearDesc& L, const float* x, const uint8_t* xq,
     const auto kind = L.kind == kQ4_1 ? loraplex_quant::Kind::kQ4_1 : loraplex_quant::Kind::kQ8_0;
     loraplex_quant::gemv_part(kind, static_cast<const uint8_t*>(L.weight), L.k, xq, tokens, L.bias, y, sy, false, n0,
                               n1);
+  }
+}
+
+inline float widen(float v) { return v; }
+inline float widen(uint16_t bf16) {
+  const uint32_t bits = static_cast<uint32_t>(bf16) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+template <typename W>
+inline float dot_widened(const W* a, const float* x, int64_t n) {
+  if constexpr (std::is_same_v<W, float>) {
+    return dot(a, x, n);
+  } else {
+    float acc[kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) acc[l] += widen(a[i + l]) * x[i + l];
+    }
+    float sum = 0.f;
+    for (; i < n; ++i) sum += widen(a[i]) * x[i];
+    for (int l = 0; l < kLanes; ++l) sum += acc[l];
+    return sum;
+  }
+}
+
+// shrink, per thread: u[m] [n_slices * rank] = A[slot_m] x[m] for the tokens with an adapter
+template <typename W>
+void lora_shrink(const LoRADesc& L, const float* x, int64_t k, int64_t tokens, const int64_t* slots, float* u) {
+  const int64_t rows = L.n_slices * L.rank;
+  for (int64_t m = 0; m < tokens; ++m) {
+    if (slots[m] < 0) continue;
+    const W* a = static_cast<const W*>(L.a) + slots[m] * L.slot_stride;
+    for (int64_t j = 0; j < rows; ++j) u[m * rows + j] = dot_widened(a + j * k, x + m * k, k);
+  }
+}
+
+// expand, on rows [n0, n1) only: y[m, n] += B[slot_m][n] . u[m][slice of n]
+template <typename W>
+void lora_expand(const LoRADesc& L, int64_t n, const float* u, int64_t tokens, const int64_t* slots, float* y,
+                 int64_t sy, int64_t n0, int64_t n1) {
+  const int64_t rows = L.n_slices * L.rank;
+  for (int64_t m = 0; m < tokens; ++m) {
+    if (slots[m] < 0) continue;
+    const W* bt = static_cast<const W*>(L.b) + slots[m] * L.slot_stride;
+    float* ym = y + m * sy;
+    for (int64_t s = 0; s < L.n_slices; ++s) {
+      const int64_t lo = std::max(n0, L.offsets[s]), hi = std::min(n1, L.offsets[s + 1]);
+      for (int64_t r = 0; r < L.rank && lo < hi; ++r) {
+        const float coef = u[m * rows + s * L.rank + r];
+        if (coef == 0.f) continue;  // a padded rank's row, or nothing to add
+        const W* row = bt + r * n;
+#pragma omp simd
+        for (int64_t i = lo; i < hi; ++i) ym[i] += widen(row[i]) * coef;
+      }
+    }
+  }
+}
+
+// The LoRA delta of projection L (input x [T, k], output y [T, n]) on this thread's rows [n0, n1),
+// each range in `ranges`; the shrink is repeated by every thread (it is ~1% of the step's reads)
+// rather than shared through another barrier. `u` is the thread's scratch.
+inline void add_lora(const LoRADesc& L, const LinearDesc& W, const float* x, int64_t tokens, const int64_t* slots,
+                     std::vector<float>& u, float* y, int64_t sy,
+                     std::initializer_list<std::pair<int64_t, int64_t>> ranges) {
+  if (L.a == nullptr || slots == nullptr) return;
+  u.resize(tokens * L.n_slices * L.rank);
+  if (L.dtype == 1) {
+    lora_shrink<uint16_t>(L, x, W.k, tokens, slots, u.data());
+    for (const auto& [n0, n1] : ranges) lora_expand<uint16_t>(L, W.n, u.data(), tokens, slots, y, sy, n0, n1);
+  } else {
+    lora_shrink<float>(L, x, W.k, tokens, slots, u.data());
+    for (const auto& [n0, n1] : ranges) lora_expand<float>(L, W.n, u.data(), tokens, slots, y, sy, n0, n1);
   }
 }
 
@@ -364,10 +455,12 @@ void loraplex_decode_attention(const float* q, int64_t sq, const float* k_cache,
 // One decode step of `tokens` sequences (one new token each): residual [T, H] holds the tokens'
 // embeddings (overwritten); cos, sin [T, D] their rotary rows; slots [T] where their K/V go;
 // block_tables [T, table_stride] and context_lens [T] (the new token included) as for
-// loraplex_decode_attention. Writes logits [T, vocab].
+// loraplex_decode_attention; lora_slots [T] each token's LoRA slot (-1: none; NULL: no token has
+// one). Writes logits [T, vocab].
 void loraplex_decode_step(const ModelDesc* m, int64_t tokens, float* residual, const float* cos, const float* sin,
                           const int64_t* slots, const int64_t* block_tables, int64_t table_stride,
-                          const int64_t* context_lens, int64_t block_size, float* logits, int threads) {
+                          const int64_t* context_lens, int64_t block_size, const int64_t* lora_slots, float* logits,
+                          int threads) {
   const int64_t H = m->hidden, D = m->head_dim, I = m->inner, T = tokens;
   const int64_t q_size = m->q_heads * D, kv_size = m->kv_heads * D, qkv_size = q_size + 2 * kv_size;
   const int64_t group = m->q_heads / m->kv_heads;
@@ -382,7 +475,7 @@ void loraplex_decode_step(const ModelDesc* m, int64_t tokens, float* residual, c
 #else
     const int t = 0, nt = 1;
 #endif
-    std::vector<float> scores, acc;  // attention scratch, this thread's
+    std::vector<float> scores, acc, u;  // attention and LoRA scratch, this thread's
     const auto [i0, i1] = share(I, t, nt);  // this thread's inner units: their gate and up rows
     const int64_t per = heads_per_item(T, m->kv_heads, nt), parts = m->kv_heads / per;  // attention items
     for (int64_t l = 0; l < m->num_layers; ++l) {
@@ -396,6 +489,7 @@ void loraplex_decode_step(const ModelDesc* m, int64_t tokens, float* residual, c
       }
       const auto [q0, q1] = share(qkv_size, t, nt);
       linear_range(L.qkv, x.data(), xq, T, qkv.data(), qkv_size, q0, q1);
+      add_lora(L.qkv_lora, L.qkv, x.data(), T, lora_slots, u, qkv.data(), qkv_size, {{q0, q1}});
 #pragma omp barrier
 #pragma omp single
       for (int64_t r = 0; r < T; ++r) {  // q and k rotated, then k and v written to the cache
@@ -415,6 +509,7 @@ void loraplex_decode_step(const ModelDesc* m, int64_t tokens, float* residual, c
       quantize_for(L.o, attn.data(), T, xq);
       const auto [h0, h1] = share(H, t, nt);
       linear_range(L.o, attn.data(), xq, T, hidden.data(), H, h0, h1);
+      add_lora(L.o_lora, L.o, attn.data(), T, lora_slots, u, hidden.data(), H, {{h0, h1}});
 #pragma omp barrier
 #pragma omp single
       {
@@ -425,6 +520,7 @@ void loraplex_decode_step(const ModelDesc* m, int64_t tokens, float* residual, c
       // each thread computes the gate and up rows of its share of the inner units, then their product
       linear_range(L.gate_up, x.data(), xq, T, gate_up.data(), 2 * I, i0, i1);
       linear_range(L.gate_up, x.data(), xq, T, gate_up.data(), 2 * I, I + i0, I + i1);
+      add_lora(L.gate_up_lora, L.gate_up, x.data(), T, lora_slots, u, gate_up.data(), 2 * I, {{i0, i1}, {I + i0, I + i1}});
       for (int64_t r = 0; r < T; ++r) {
         const float* g = gate_up.data() + r * 2 * I;
         silu_and_mul_row(g + i0, g + I + i0, act.data() + r * I + i0, i1 - i0);
@@ -433,6 +529,7 @@ void loraplex_decode_step(const ModelDesc* m, int64_t tokens, float* residual, c
 #pragma omp single
       quantize_for(L.down, act.data(), T, xq);
       linear_range(L.down, act.data(), xq, T, hidden.data(), H, h0, h1);
+      add_lora(L.down_lora, L.down, act.data(), T, lora_slots, u, hidden.data(), H, {{h0, h1}});
 #pragma omp barrier
     }
 #pragma omp single
