@@ -4,7 +4,8 @@ Both generate exactly `--new-tokens` greedy tokens for the same prompts; tokens 
 generated tokens over wall time (prefill included). Then the single stream against its floor: a
 batch-1 decode step's time beside one plain read (`sum`) of every weight of the model where the
 engine keeps it (the tied embedding once), alternating, so both see the memory bandwidth of the
-moment. Run: `python benchmarks/bench_engine.py`.
+moment; and a batch-1 step with a LoRA adapter (the demo `sql` adapter by default) beside one
+without, alternating. Run: `python benchmarks/bench_engine.py`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import os
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from prompts import benchmark_prompts
+
+DEMO_ADAPTER = Path(__file__).resolve().parents[1] / "examples" / "adapters" / "SmolLM2-135M-Instruct" / "sql"
 
 
 def bench_transformers(model_dir: str, prompts: list[str], new_tokens: int) -> tuple[float, list[list[int]]]:
@@ -75,11 +79,36 @@ def decode_floor(llm, rounds: int, steps: int = 16) -> tuple[float, float, int]:
     return statistics.median(step_ms), statistics.median(read_ms), nbytes
 
 
+def adapter_stream(model_dir: str, adapter: str, rounds: int, steps: int = 30) -> dict[str, float]:
+    """Median ms of a batch-1 decode step of the base model and with `adapter`, alternating."""
+    from loraplex import LLM, LoRARequest, SamplingParams
+
+    engine = LLM(model_dir, device="cpu", dtype="float32", enable_lora=True, max_loras=1, max_lora_rank=64).llm_engine
+    lora = LoRARequest("adapter", 1, adapter)
+    times: dict[str, list[float]] = {"base": [], "adapter": []}
+    for r in range(rounds):
+        for kind in ("base", "adapter") if r % 2 == 0 else ("adapter", "base"):
+            engine.add_request(f"{kind}-{r}", "Explain why the sky is blue.",
+                               SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True),
+                               lora_request=lora if kind == "adapter" else None)
+            for _ in range(4):  # the prefill, then warm decode steps
+                engine.step()
+            start = time.perf_counter()
+            for _ in range(steps):
+                engine.step()
+            times[kind].append((time.perf_counter() - start) / steps * 1e3)
+            while engine.has_unfinished_requests():
+                engine.step()
+    return {kind: statistics.median(ms) for kind, ms in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batches", type=int, nargs="*", default=[16, 64])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--floor-rounds", type=int, default=10, help="rounds of the single-stream floor (0: skip)")
+    parser.add_argument("--adapter", default=str(DEMO_ADAPTER),
+                        help="a PEFT adapter for the single stream with an adapter ('' to skip)")
     args = parser.parse_args()
 
     from loraplex import LLM
@@ -99,6 +128,10 @@ def main() -> None:
         step_ms, read_ms, nbytes = decode_floor(llm, args.floor_rounds)
         print(f"batch-1 decode step {step_ms:.2f} ms; one read of all weights ({nbytes / 1e6:.0f} MB) {read_ms:.2f} ms "
               f"({nbytes / read_ms / 1e6:.1f} GB/s); step / read {step_ms / read_ms:.2f}; load {os.getloadavg()[0]:.1f}")
+    if args.adapter and args.floor_rounds:
+        ms = adapter_stream(model_dir, args.adapter, args.floor_rounds)
+        print(f"batch-1 decode step with the adapter {ms['adapter']:.2f} ms, without {ms['base']:.2f} ms "
+              f"(alternating); load {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
