@@ -32,12 +32,12 @@ TEXT = (
 )
 
 
-def decode_path_perplexity(llm, text: str = TEXT) -> float:
-    """exp(-mean log p(token | text before it)) over the text's tokens after the first, each
-    scored by a decode step of `llm` (a loraplex LLM)."""
+def decode_path_logprobs(llm, ids: list[int], lora_request=None) -> list[float]:
+    """log p(ids[i] | ids[:i]) for i >= 1, each scored by a decode step of `llm` (a loraplex LLM):
+    the prompt is ids[0], and a logits processor records the log-probability of the next id, then
+    forces it."""
     from loraplex import SamplingParams
 
-    ids = llm.llm_engine.tokenizer.encode(text)
     logprobs: list[float] = []
 
     def teacher(output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
@@ -49,8 +49,17 @@ def decode_path_perplexity(llm, text: str = TEXT) -> float:
 
     params = SamplingParams(temperature=0.0, max_tokens=len(ids) - 1, min_tokens=len(ids) - 1, ignore_eos=True,
                             logits_processors=[teacher])
-    llm.generate({"prompt_token_ids": ids[:1]}, params, use_tqdm=False)
+    llm.generate({"prompt_token_ids": ids[:1]}, params, lora_request=lora_request, use_tqdm=False)
+    return logprobs
+
+
+def perplexity(logprobs: list[float]) -> float:
     return math.exp(-sum(logprobs) / len(logprobs))
+
+
+def decode_path_perplexity(llm, text: str = TEXT) -> float:
+    """The perplexity of `text`'s tokens after the first, each scored by a decode step of `llm`."""
+    return perplexity(decode_path_logprobs(llm, llm.llm_engine.tokenizer.encode(text)))
 
 
 def main() -> None:

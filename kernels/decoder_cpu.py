@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import subprocess
 from pathlib import Path
 
 import torch
 
-from .native_cpu import build_library
+from .native_cpu import load_library
 
 __all__ = ["available", "usable", "linear", "rms_norm", "rotary_", "silu_and_mul", "decode_attention",
            "LinearDesc", "LoRADesc", "LayerDesc", "ModelDesc", "LINEAR_KINDS", "decode_step"]
-
-logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "decoder_cpu.cpp"
 _I64, _PTR, _F32, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
@@ -196,18 +192,6 @@ def decode_step(
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    from .. import envs  # see native_cpu._library for why not at the top
-
-    if not envs.cpu_kernel_enabled():
-        return None
-    try:
-        lib = ctypes.CDLL(str(build_library(SOURCE)))
-    except (OSError, subprocess.SubprocessError) as exc:
-        logger.warning("The native CPU decoder kernels are unavailable (%s); the model uses torch operations.",
-                       str(exc) or type(exc).__name__)
-        return None
-    for name, argtypes in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes = argtypes
-        fn.restype = None
-    return lib
+    signatures = {name: (argtypes, None) for name, argtypes in _SIGNATURES.items()}
+    return load_library(SOURCE, signatures, "The native CPU decoder kernels are",
+                        "the model uses torch operations")[0]

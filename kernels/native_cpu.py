@@ -187,6 +187,15 @@ def _rows(t: torch.Tensor | None) -> tuple[int | None, int]:
 @functools.cache
 def _library() -> tuple[ctypes.CDLL | None, str]:
     """(the loaded kernel, "") or (None, why not); built and loaded once per process."""
+    return load_library(SOURCE, {"loraplex_lora_cpu": (_ARGTYPES, None)}, "The native CPU LoRA kernel is",
+                        "the CPU path uses torch")
+
+
+def load_library(source: Path, signatures: dict[str, tuple[list, object]], what: str,
+                 otherwise: str) -> tuple[ctypes.CDLL | None, str]:
+    """The C++ file `source` built (`build_library`) and loaded, each function's (argtypes, restype)
+    of `signatures` set: (library, "") or (None, why not). When the build or the load fails, one
+    warning says `what` is unavailable and what happens `otherwise`."""
     # imported here, not at the top: transformers probes for a package named `kernels` and imports
     # this directory as one when the repository root is on sys.path, where `..` does not exist
     from .. import envs
@@ -194,20 +203,21 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     if not envs.cpu_kernel_enabled():
         return None, "disabled by LORAPLEX_CPU_KERNEL=0"
     try:
-        path = build_library()
-        lib = ctypes.CDLL(str(path))
+        lib = ctypes.CDLL(str(build_library(source)))
     except (OSError, subprocess.SubprocessError) as exc:
         reason = str(exc) or type(exc).__name__
-        logger.warning("The native CPU LoRA kernel is unavailable (%s); the CPU path uses torch.", reason)
+        logger.warning("%s unavailable (%s); %s.", what, reason, otherwise)
         return None, reason
-    lib.loraplex_lora_cpu.argtypes = _ARGTYPES
-    lib.loraplex_lora_cpu.restype = None
+    for name, (argtypes, restype) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
+        fn.restype = restype
     return lib, ""
 
 
 def build_library(source: Path | None = None) -> Path:
     """The compiled library of the C++ file `source` (this module's kernel when None) for this
-    compiler and CPU, built when missing; decoder_cpu.py builds csrc/decoder_cpu.cpp with it."""
+    compiler and CPU, built when missing (load_library builds the decoder's and the GGUF kernels' with it)."""
     source = SOURCE if source is None else source
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not compiler:

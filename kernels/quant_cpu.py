@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +25,11 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
-from .native_cpu import build_library
+from .native_cpu import load_library
 
 __all__ = ["GGUF_TYPES", "QuantizedWeight", "available", "isa", "from_gguf", "dequantize_gguf", "permute_rows",
            "concat_rows", "quantize_activations", "gemv", "linear", "dequantize", "embedding", "row_bytes",
            "activation_row_bytes", "regions", "slot_values", "activation_slots"]
-
-logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "quant_cpu.cpp"
 BLOCK = 32  # values per GGUF block
@@ -387,18 +383,4 @@ def _lib() -> ctypes.CDLL:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    from .. import envs  # see native_cpu._library for why not at the top
-
-    if not envs.cpu_kernel_enabled():
-        return None
-    try:
-        lib = ctypes.CDLL(str(build_library(SOURCE)))
-    except (OSError, subprocess.SubprocessError) as exc:
-        logger.warning("The quantized CPU kernels are unavailable (%s); GGUF weights will be dequantized.",
-                       str(exc) or type(exc).__name__)
-        return None
-    for name, (argtypes, restype) in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes = argtypes
-        fn.restype = restype
-    return lib
+    return load_library(SOURCE, _SIGNATURES, "The quantized CPU kernels are", "GGUF weights will be dequantized")[0]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,10 @@ from tiny_models import tiny  # noqa: F401
 pytestmark = pytest.mark.skipif(not quant_cpu.available(), reason="no C++ compiler for the native CPU kernels")
 
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+# the teacher-forced scoring of benchmarks/perplexity.py, which reports the same comparison
+_SPEC = importlib.util.spec_from_file_location("perplexity", Path(__file__).parents[1] / "benchmarks" / "perplexity.py")
+perplexity = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(perplexity)
 SQL_ADAPTER = Path(__file__).parents[1] / "examples" / "adapters" / "SmolLM2-135M-Instruct" / "sql"
 TEXT = ("The lighthouse stood at the end of a narrow spit of rock, and for most of the year nobody visited it. "
         "Its keeper kept a logbook in which she wrote down the weather, the ships she saw and the birds that "
@@ -47,31 +51,15 @@ def test_every_projection_holds_the_gguf_weight_of_the_float_one(float_llm, gguf
     assert torch.equal(quant_cpu.dequantize(head), float_model.lm_head.weight)
 
 
-def decode_logprobs(llm: LLM, ids: list[int], lora: LoRARequest | None = None) -> list[float]:
-    """log p(ids[i] | ids[:i]) for i >= 1, each scored by a decode step (teacher-forced)."""
-    scores: list[float] = []
-
-    def teacher(output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-        target = ids[1 + len(output_ids)]
-        scores.append(float(torch.log_softmax(logits.float(), dim=-1)[target]))
-        forced = torch.full_like(logits, -math.inf)
-        forced[target] = 0.0
-        return forced
-
-    params = SamplingParams(temperature=0.0, max_tokens=len(ids) - 1, min_tokens=len(ids) - 1, ignore_eos=True,
-                            logits_processors=[teacher])
-    llm.generate({"prompt_token_ids": ids[:1]}, params, lora_request=lora, use_tqdm=False)
-    return scores
-
-
 def test_decode_steps_score_a_text_as_the_float_model_does(float_llm, gguf_llm) -> None:
     """Quantized activations (int8 per 32 values, as llama.cpp) move each token's log-probability
     a little, not the perplexity: within 2% of the float model's, token by token within 0.3."""
     ids = float_llm.llm_engine.tokenizer.encode(TEXT)
-    expected, actual = decode_logprobs(float_llm, ids), decode_logprobs(gguf_llm, ids)
+    expected = perplexity.decode_path_logprobs(float_llm, ids)
+    actual = perplexity.decode_path_logprobs(gguf_llm, ids)
     assert len(actual) == len(ids) - 1
     assert max(abs(a - b) for a, b in zip(actual, expected)) < 0.3
-    assert abs(math.exp(-sum(actual) / len(actual)) / math.exp(-sum(expected) / len(expected)) - 1) < 0.02
+    assert abs(perplexity.perplexity(actual) / perplexity.perplexity(expected) - 1) < 0.02
     assert actual != expected  # the quantized path did run
 
 
