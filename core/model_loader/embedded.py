@@ -91,10 +91,15 @@ def embedded_model_dir() -> Path:
     return path
 
 
+def embedded_model_cache_path() -> Path:
+    """Where the converted embedded model lives (whether converted yet or not)."""
+    return envs.cache_dir() / "models" / EMBEDDED_MODEL_NAME
+
+
 def ensure_embedded_model() -> tuple[Path, bool]:
     """`embedded_model_dir()`, also telling whether this call did the conversion."""
-    models_dir = envs.cache_dir() / "models"
-    target = models_dir / EMBEDDED_MODEL_NAME
+    target = embedded_model_cache_path()
+    models_dir = target.parent
     if is_complete(target):
         return target, False
     try:

@@ -40,10 +40,9 @@ _PROJECTIONS = {
 def find_gguf_file(model_path: Path) -> Path:
     """The GGUF file whose weights `quantization="gguf"` serves for the model at `model_path`: the
     embedded model's own, or the one `*.gguf` file in the model directory."""
-    from .. import envs
-    from .embedded import EMBEDDED_MODEL_NAME, gguf_path
+    from .embedded import embedded_model_cache_path, gguf_path
 
-    if model_path.resolve() == (envs.cache_dir() / "models" / EMBEDDED_MODEL_NAME).resolve():
+    if model_path.resolve() == embedded_model_cache_path().resolve():
         return gguf_path()
     files = sorted(model_path.glob("*.gguf"))
     if len(files) != 1:

@@ -505,8 +505,10 @@ void loraplex_decode_step(const ModelDesc* m, int64_t tokens, float* residual, c
                context_lens[b], L.window, block_size, m->kv_heads, h, h + per, group, D, m->scale, scores, acc,
                attn.data() + b * q_size + h * group * D);
       }
+      if (L.o.kind != kFloat32) {  // the same test on every thread: all or none enter (and wait)
 #pragma omp single
-      quantize_for(L.o, attn.data(), T, xq);
+        quantize_for(L.o, attn.data(), T, xq);
+      }
       const auto [h0, h1] = share(H, t, nt);
       linear_range(L.o, attn.data(), xq, T, hidden.data(), H, h0, h1);
       add_lora(L.o_lora, L.o, attn.data(), T, lora_slots, u, hidden.data(), H, {{h0, h1}});
@@ -526,8 +528,10 @@ void loraplex_decode_step(const ModelDesc* m, int64_t tokens, float* residual, c
         silu_and_mul_row(g + i0, g + I + i0, act.data() + r * I + i0, i1 - i0);
       }
 #pragma omp barrier
+      if (L.down.kind != kFloat32) {
 #pragma omp single
-      quantize_for(L.down, act.data(), T, xq);
+        quantize_for(L.down, act.data(), T, xq);
+      }
       linear_range(L.down, act.data(), xq, T, hidden.data(), H, h0, h1);
       add_lora(L.down_lora, L.down, act.data(), T, lora_slots, u, hidden.data(), H, {{h0, h1}});
 #pragma omp barrier
