@@ -4,8 +4,9 @@ Both generate exactly `--new-tokens` greedy tokens for the same prompts; tokens 
 generated tokens over wall time (prefill included). Then the single stream against its floor: a
 batch-1 decode step's time beside one plain read (`sum`) of every weight of the model where the
 engine keeps it (the tied embedding once), alternating, so both see the memory bandwidth of the
-moment; and a batch-1 step with a LoRA adapter (the demo `sql` adapter by default) beside one
-without, alternating. Run: `python benchmarks/bench_engine.py`.
+moment, and beside a read of a plain copy of them (ordinary pages); then batch-1 steps with a
+LoRA adapter (the demo `sql` adapter by default) and without, each as one native call and layer
+by layer, alternating. Run: `python benchmarks/bench_engine.py`.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ def bench_loraplex(llm, prompts: list[str], new_tokens: int) -> tuple[float, lis
     return len(prompts) * new_tokens / elapsed, [o.outputs[0].token_ids for o in outs]
 
 
-def decode_floor(llm, rounds: int, steps: int = 16) -> tuple[float, float, int]:
-    """(median ms of a batch-1 decode step, median ms of one read of all weights, weight bytes)."""
+def decode_floor(llm, rounds: int, steps: int = 16) -> tuple[float, float, float, int]:
+    """(median ms of a batch-1 decode step, of one read of all weights where the engine keeps them,
+    of one read of a plain copy of them (4 KiB pages unless THP is "always"), weight bytes)."""
     from loraplex import SamplingParams
 
     engine = llm.llm_engine
@@ -61,11 +63,12 @@ def decode_floor(llm, rounds: int, steps: int = 16) -> tuple[float, float, int]:
     storages = {p.untyped_storage().data_ptr(): p.untyped_storage() for p in engine.model.parameters()}
     views = [torch.empty(0, dtype=torch.float32).set_(s, 0, (s.nbytes() // 4,)) for s in storages.values()]
     nbytes = sum(v.numel() * 4 for v in views)
+    plain = torch.cat(views)  # [all weights] ordinary memory
     engine.add_request("floor", "Explain why the sky is blue.",
                        SamplingParams(temperature=0.0, max_tokens=(rounds + 1) * steps + 2, ignore_eos=True))
     for _ in range(steps):  # the prefill, then warm decode steps
         engine.step()
-    step_ms, read_ms = [], []
+    step_ms, read_ms, plain_ms = [], [], []
     for _ in range(rounds):
         start = time.perf_counter()
         for _ in range(steps):
@@ -75,31 +78,42 @@ def decode_floor(llm, rounds: int, steps: int = 16) -> tuple[float, float, int]:
         for view in views:
             view.sum()
         read_ms.append((time.perf_counter() - start) * 1e3)
+        start = time.perf_counter()
+        plain.sum()
+        plain_ms.append((time.perf_counter() - start) * 1e3)
     engine.abort_request("floor")
-    return statistics.median(step_ms), statistics.median(read_ms), nbytes
+    return statistics.median(step_ms), statistics.median(read_ms), statistics.median(plain_ms), nbytes
 
 
-def adapter_stream(model_dir: str, adapter: str, rounds: int, steps: int = 30) -> dict[str, float]:
-    """Median ms of a batch-1 decode step of the base model and with `adapter`, alternating."""
+def single_stream(model_dir: str, adapter: str, rounds: int, steps: int = 30) -> dict[tuple[str, str], float]:
+    """Median ms of a batch-1 decode step, (base or with `adapter`, one-call step or layer by
+    layer) -> ms, the four alternating in each round."""
     from loraplex import LLM, LoRARequest, SamplingParams
+    from loraplex.models.decode_step import NativeDecodeStep
 
     engine = LLM(model_dir, device="cpu", dtype="float32", enable_lora=True, max_loras=1, max_lora_rank=64).llm_engine
     lora = LoRARequest("adapter", 1, adapter)
-    times: dict[str, list[float]] = {"base": [], "adapter": []}
-    for r in range(rounds):
-        for kind in ("base", "adapter") if r % 2 == 0 else ("adapter", "base"):
-            engine.add_request(f"{kind}-{r}", "Explain why the sky is blue.",
-                               SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True),
-                               lora_request=lora if kind == "adapter" else None)
-            for _ in range(4):  # the prefill, then warm decode steps
-                engine.step()
-            start = time.perf_counter()
-            for _ in range(steps):
-                engine.step()
-            times[kind].append((time.perf_counter() - start) / steps * 1e3)
-            while engine.has_unfinished_requests():
-                engine.step()
-    return {kind: statistics.median(ms) for kind, ms in times.items()}
+    serves = NativeDecodeStep.serves
+    cases = [(kind, path) for kind in ("base", "adapter") for path in ("one call", "layers")]
+    times: dict[tuple[str, str], list[float]] = {case: [] for case in cases}
+    try:
+        for r in range(rounds):
+            for kind, path in cases if r % 2 == 0 else cases[::-1]:
+                NativeDecodeStep.serves = serves if path == "one call" else lambda *args: False
+                engine.add_request(f"{kind}-{path}-{r}", "Explain why the sky is blue.",
+                                   SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True),
+                                   lora_request=lora if kind == "adapter" else None)
+                for _ in range(4):  # the prefill, then warm decode steps
+                    engine.step()
+                start = time.perf_counter()
+                for _ in range(steps):
+                    engine.step()
+                times[kind, path].append((time.perf_counter() - start) / steps * 1e3)
+                while engine.has_unfinished_requests():
+                    engine.step()
+    finally:
+        NativeDecodeStep.serves = serves
+    return {case: statistics.median(ms) for case, ms in times.items()}
 
 
 def main() -> None:
@@ -125,13 +139,16 @@ def main() -> None:
         same = sum(a == b for a, b in zip(hf_tokens, lp_tokens))
         print(f"{n:>8} {hf_tps:>19.1f} {lp_tps:>15.1f} {lp_tps / hf_tps:>5.2f}x {same:>12}/{n}")
     if args.floor_rounds:
-        step_ms, read_ms, nbytes = decode_floor(llm, args.floor_rounds)
+        step_ms, read_ms, plain_ms, nbytes = decode_floor(llm, args.floor_rounds)
         print(f"batch-1 decode step {step_ms:.2f} ms; one read of all weights ({nbytes / 1e6:.0f} MB) {read_ms:.2f} ms "
-              f"({nbytes / read_ms / 1e6:.1f} GB/s); step / read {step_ms / read_ms:.2f}; load {os.getloadavg()[0]:.1f}")
+              f"({nbytes / read_ms / 1e6:.1f} GB/s; a plain copy of them: {plain_ms:.2f} ms); step / read "
+              f"{step_ms / read_ms:.2f}; load {os.getloadavg()[0]:.1f}")
     if args.adapter and args.floor_rounds:
-        ms = adapter_stream(model_dir, args.adapter, args.floor_rounds)
-        print(f"batch-1 decode step with the adapter {ms['adapter']:.2f} ms, without {ms['base']:.2f} ms "
-              f"(alternating); load {os.getloadavg()[0]:.1f}")
+        ms = single_stream(model_dir, args.adapter, args.floor_rounds)
+        for kind in ("base", "adapter"):
+            print(f"batch-1 decode step, {'with the adapter' if kind == 'adapter' else 'base model'}: one call "
+                  f"{ms[kind, 'one call']:.2f} ms, layer by layer {ms[kind, 'layers']:.2f} ms (alternating)")
+        print(f"load {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
