@@ -3,8 +3,8 @@
 A decode step over many adapters reads a few hundred KiB of each adapter per layer, so each
 wrapped linear touches thousands of distinct 4 KiB pages and misses the TLB on most of them; on
 2 MiB pages the same bytes need 512 times fewer translations. A batch-1 step streams every
-weight of the model once, and read it up to 30% faster from huge pages on the 2-core machine
-of docs/benchmarks.md. Linux backs anonymous memory with
+weight of the model once (benchmarks/bench_engine.py compares that read with one from ordinary
+pages). Linux backs anonymous memory with
 huge pages on its own only when THP is "always"; under "madvise" (the default of many
 distributions) only memory that asks gets them, and this module asks. Where asking is not
 possible (another OS, THP "never", a small tensor) the tensor is plain memory: the same values,
